@@ -1,0 +1,112 @@
+"""The `bench` command: a thin layer over the harness, the store and (later) sweeps and reports.
+
+Mistakes a user can make end with exit code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from bench.errors import BenchError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line like every other user error."""
+
+    def error(self, message):
+        raise BenchError(f"{self.prog}: {message}")
+
+
+def common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else a "
+                                           "per-user cache folder)")
+    parser.add_argument("--storage", help="Optuna storage URL of the results database "
+                                          "(default: sqlite:///bench.db in the working directory)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> Parser:
+    from bench.data import CORPORA
+    from bench.models import REGISTRY
+
+    parser = Parser(prog="bench", description="Language-model benchmark suite (Mikolov et al. 2011 and beyond).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = commands.add_parser("train", help="train and evaluate one model, print and store its record")
+    train.add_argument("model", help=f"one of: {', '.join(REGISTRY)}")
+    train.add_argument("--corpus", default="synthetic", help=f"one of: {', '.join(CORPORA)} (default: synthetic)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a hyper-parameter (repeatable), e.g. --set hidden_size=200")
+    common_options(train)
+
+    run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
+    run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
+    run.add_argument("--models", nargs="+", help="only these models (default: all)")
+    common_options(run)
+    return parser
+
+
+def command_train(args) -> None:
+    from bench.config import make_config, parse_assignments
+    from bench.harness import run_experiment
+    from bench.store import open_storage, save_record
+    from bench.tables import leaderboard, to_text
+
+    config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
+    storage = open_storage(args.storage)
+    record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
+    save_record(record, storage, f"train-{args.model}-{args.corpus}")
+    print(to_text(leaderboard([record])))
+
+
+def command_run(args) -> None:
+    from bench.config import make_config
+    from bench.harness import run_experiment
+    from bench.models import REGISTRY
+    from bench.store import open_storage, save_record
+    from bench.tables import leaderboard, to_text
+
+    models = args.models or list(REGISTRY)
+    configs = [make_config(model, {"corpus": args.corpus}, quick=True) for model in models]
+    storage = open_storage(args.storage)
+    records = []
+    for number, config in enumerate(configs, 1):
+        print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}", flush=True)
+        record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
+        save_record(record, storage, f"run-{args.corpus}")
+        records.append(record)
+    print(to_text(leaderboard(records)))
+
+
+COMMANDS = {"train": command_train, "run": command_run}
+
+
+def quiet_libraries() -> None:
+    """Keep Lightning's banners and advice out of the tables the suite prints."""
+    import optuna
+
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        quiet_libraries()
+        COMMANDS[args.command](args)
+    except BenchError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Run configurations: every hyper-parameter the suite knows, its type and range, and validation.
+
+A configuration is a flat dict: the model's registry defaults, overridden by the user's `--set key=value`
+(or a sweep's parameters), checked here before anything runs or is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import yaml
+
+from bench.data import CORPORA
+from bench.errors import BenchError
+from bench.models import REGISTRY
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: type | str  # int, float, bool, str, or "ints" (a list of ints)
+    low: float = -math.inf
+    high: float = math.inf
+    choices: tuple = ()
+    help: str = ""
+
+    def check(self, key: str, value):
+        if self.kind == "ints":
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise BenchError(f"{key} must be a list of integers such as [2000, 6000], got {value!r}")
+            return value
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
+            raise BenchError(f"{key} must be {self.kind.__name__}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise BenchError(f"{key} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.kind in (int, float) and not self.low <= value <= self.high:
+            raise BenchError(f"{key} must be between {self.low:g} and {self.high:g}, got {value!r}")
+        return value
+
+
+# Settings of the harness, valid for every model.
+HARNESS = {
+    "corpus": Param(str, choices=CORPORA, help="corpus name"),
+    "seed": Param(int, 0, 2**31 - 1, help="seed of every random choice (data order, initialisation)"),
+    "batch_size": Param(int, 1, 1_000_000, help="parallel streams per batch"),
+    "bptt": Param(int, 1, 100_000, help="steps per chunk (truncated BPTT length)"),
+    "eval_batch_size": Param(int, 1, 1_000_000, help="parallel streams when scoring"),
+    "max_epochs": Param(int, 1, 10_000, help="epoch budget"),
+    "max_minutes": Param(float, 0.01, 1e6, help="wall-clock training budget in minutes"),
+    "clip": Param(float, 0.0, 1e9, help="gradient-norm clipping (0: off)"),
+    "patience": Param(int, 0, 1000, help="epochs without improvement before stopping (after the LR halving)"),
+    "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
+}
+# Settings of the models; each model accepts those its registry entry sets, plus the shared ones.
+MODEL = {
+    "optimizer": Param(str, choices=("sgd", "adam")),
+    "lr": Param(float, 1e-8, 1e4, help="learning rate"),
+    "output": Param(str, choices=("full", "class", "adaptive"), help="output layer"),
+    "classes": Param(int, 1, 10_000_000, help="classes of the class-based output layer"),
+    "class_binning": Param(str, choices=("frequency", "sqrt")),
+    "cutoffs": Param("ints", help="adaptive softmax cluster boundaries (word ids)"),
+    "div_value": Param(float, 1.0, 1e3),
+    "order": Param(int, 2, 9, help="n of the n-gram context"),
+    "embedding_size": Param(int, 1, 1_000_000),
+    "hidden_size": Param(int, 1, 1_000_000),
+    "layers": Param(int, 1, 64),
+    "dropout": Param(float, 0.0, 0.99),
+    "activation": Param(str, choices=("sigmoid", "tanh", "relu")),
+    "tie_weights": Param(bool),
+}
+SHARED_MODEL_KEYS = ("optimizer", "lr", "output", "classes", "class_binning", "cutoffs", "div_value")
+OUTPUT_OPTIONS = {"classes": "class", "class_binning": "class", "cutoffs": "adaptive", "div_value": "adaptive"}
+HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=10, max_epochs=20, max_minutes=60.0,
+                        clip=0.0, patience=1, kn_order=0, output="full")
+
+
+def parse_assignments(assignments: list[str]) -> dict:
+    """`key=value` strings as a dict; values are read as YAML scalars/lists (1e-3, true, [2000, 6000])."""
+    overrides = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--set {item!r}: expected key=value")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise BenchError(f"--set {item!r}: cannot read the value") from None
+    return overrides
+
+
+def allowed_keys(model: str) -> list[str]:
+    spec = REGISTRY[model]
+    model_keys = set(spec.defaults) - set(HARNESS)
+    if spec.task == "lm":
+        model_keys |= set(SHARED_MODEL_KEYS)
+    return sorted(set(HARNESS) | model_keys)
+
+
+def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
+    """The validated configuration of one run of `model`."""
+    if model not in REGISTRY:
+        raise BenchError(f"unknown model {model!r}: choose one of {', '.join(REGISTRY)}")
+    spec = REGISTRY[model]
+    overrides = dict(overrides or {})
+    keys = allowed_keys(model)
+    for key in overrides:
+        if key in spec.fixed:
+            raise BenchError(f"{key} is fixed for {model} (it is what makes it {model})")
+        if key not in keys:
+            raise BenchError(f"unknown hyper-parameter {key!r} for {model}; known: {', '.join(keys)}")
+    config = {**HARNESS_DEFAULTS, **spec.defaults, **(spec.quick if quick else {}), **overrides}
+    config = {key: value for key, value in config.items() if key in keys}
+    for key, value in config.items():
+        config[key] = {**HARNESS, **MODEL}[key].check(key, value)
+    for key, layer in OUTPUT_OPTIONS.items():
+        if key in config and config.get("output") != layer:
+            raise BenchError(f"{key} applies to output={layer}, not output={config.get('output')}")
+    return {"model": model, **config}
+
+
+def model_arguments(config: dict) -> dict:
+    """The keyword arguments of the model's module: its settings and fixed settings, no harness keys."""
+    spec = REGISTRY[config["model"]]
+    return {**{k: v for k, v in config.items() if k in MODEL}, **spec.fixed}

@@ -1,0 +1,259 @@
+"""Corpora, vocabularies and language-model batches.
+
+Every corpus goes through Hugging Face `datasets` (`load_dataset("text", ...)` over local files, cached as
+Arrow; a Hub name as the online fallback) and ends as three contiguous arrays of token ids.
+
+Tokens follow the PTB convention: whitespace-split words and an end-of-sentence token `<eos>` at each line
+end. The vocabulary comes from the training split only, ids sorted by descending training frequency (the
+frequency-based output layers rely on that); out-of-vocabulary words map to `<unk>` when the corpus has one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import platformdirs
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bench.errors import BenchError
+
+EOS = "<eos>"
+UNK = "<unk>"
+SPLITS = ("train", "valid", "test")
+SYNTHETIC_VERSION = 1  # bump when the generator changes, so cached corpora are regenerated
+
+
+@dataclass(frozen=True)
+class FileCorpus:
+    """A corpus read from text files under the data directory, with a Hub dataset as online fallback."""
+
+    files: dict[str, str]  # split -> path relative to the data directory
+    hub_name: str
+    hub_config: str | None
+    hub_column: str
+
+
+FILE_CORPORA = {
+    "ptb": FileCorpus(
+        files={s: f"ptb/ptb.{s}.txt" for s in SPLITS},
+        hub_name="ptb_text_only", hub_config=None, hub_column="sentence",
+    ),
+    "wikitext-2": FileCorpus(
+        files={s: f"wikitext-2/{s}.txt" for s in SPLITS},
+        hub_name="Salesforce/wikitext", hub_config="wikitext-2-v1", hub_column="text",
+    ),
+}
+CORPORA = ("synthetic", *FILE_CORPORA)
+HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    words: list[str]  # id -> word, by descending training count (ties: first occurrence)
+    counts: np.ndarray  # training count of each id
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @property
+    def eos(self) -> int:
+        return self.words.index(EOS)
+
+    @property
+    def unk(self) -> int | None:
+        return self.words.index(UNK) if UNK in self.words else None
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    vocab: Vocabulary
+    splits: dict[str, np.ndarray]  # split -> int64 token ids, `<eos>` after every line
+    oracle_log_probs: dict[str, np.ndarray] | None = None  # synthetic only: the generator's log p per token
+
+    def unigram_perplexity(self, split: str = "test") -> float:
+        """Perplexity of `split` under the add-one unigram estimated on train: the ceiling any model must beat."""
+        p = (self.vocab.counts + 1.0) / (self.vocab.counts.sum() + len(self.vocab))
+        return float(np.exp(-np.log(p[self.splits[split]]).mean()))
+
+    def oracle_perplexity(self, split: str = "test") -> float | None:
+        """exp(mean -log p) under the generating process: the floor no model can beat (synthetic only)."""
+        if self.oracle_log_probs is None:
+            return None
+        return float(np.exp(-self.oracle_log_probs[split].mean()))
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("bench")) / "data"
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """--data-dir, else $BENCH_DATA_DIR, else a per-user cache directory."""
+    return Path(data_dir or os.environ.get("BENCH_DATA_DIR") or default_data_dir())
+
+
+def tokenize(lines: list[str]) -> list[str]:
+    return [word for line in lines for word in (*line.split(), EOS)]
+
+
+def build_vocabulary(train_tokens: list[str], known_words: list[str] | None = None) -> Vocabulary:
+    """Vocabulary of the training tokens (plus `known_words` never seen in train, with count 0)."""
+    words, first, counts = np.unique(np.array(train_tokens, dtype=object), return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))
+    vocab_words, vocab_counts = list(words[order]), counts[order]
+    if known_words:
+        unseen = [w for w in known_words if w not in set(vocab_words)]
+        vocab_words += unseen
+        vocab_counts = np.concatenate([vocab_counts, np.zeros(len(unseen), dtype=np.int64)])
+    return Vocabulary(words=vocab_words, counts=vocab_counts.astype(np.int64))
+
+
+def encode(tokens: list[str], vocab: Vocabulary, where: str) -> np.ndarray:
+    """Token ids; OOV words become `<unk>`, or a user error naming the word when the corpus has none."""
+    ids = pd.Index(vocab.words).get_indexer(tokens)
+    missing = ids < 0
+    if missing.any():
+        if vocab.unk is None:
+            word = tokens[int(np.argmax(missing))]
+            raise BenchError(f"{where}: word {word!r} is not in the training vocabulary and the corpus has no {UNK}")
+        ids[missing] = vocab.unk
+    return ids.astype(np.int64)
+
+
+def _read_local(paths: dict[str, Path]) -> dict[str, list[str]]:
+    from datasets import load_dataset
+
+    for split, path in paths.items():
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise FileNotFoundError(path)
+        if path.stat().st_size == 0:
+            raise BenchError(f"{path}: the {split} file is empty")
+    dataset = load_dataset("text", data_files={s: str(p) for s, p in paths.items()})
+    return {split: dataset[split]["text"] for split in paths}
+
+
+def _read_hub(spec: FileCorpus) -> dict[str, list[str]]:
+    from datasets import load_dataset
+
+    dataset = load_dataset(spec.hub_name, spec.hub_config)
+    return {split: dataset[HUB_SPLITS[split]][spec.hub_column] for split in SPLITS}
+
+
+def _read_file_corpus(name: str, root: Path) -> dict[str, list[str]]:
+    spec = FILE_CORPORA[name]
+    paths = {split: root / rel for split, rel in spec.files.items()}
+    try:
+        return _read_local(paths)
+    except FileNotFoundError:
+        pass
+    try:
+        return _read_hub(spec)
+    except Exception:  # any Hub failure (no network, no such dataset) ends in the same user message
+        expected = ", ".join(spec.files.values())
+        raise BenchError(
+            f"corpus {name!r} not found: put {expected} under {root} (--data-dir or $BENCH_DATA_DIR); "
+            f"the Hugging Face Hub ({spec.hub_name}) could not be reached either"
+        ) from None
+
+
+def _synthetic_lines(seed: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray], list[str]]:
+    from datasets import load_dataset
+
+    from bench.synthetic import SyntheticLanguage, write_corpus
+
+    directory = Path(platformdirs.user_cache_dir("bench")) / f"synthetic-v{SYNTHETIC_VERSION}-seed{seed}"
+    if not (directory / "test.logprob.npy").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        write_corpus(directory, seed=seed)
+    dataset = load_dataset("text", data_files={s: str(directory / f"{s}.txt") for s in SPLITS})
+    oracle = {s: np.load(directory / f"{s}.logprob.npy") for s in SPLITS}
+    return {s: dataset[s]["text"] for s in SPLITS}, oracle, SyntheticLanguage(seed).vocabulary
+
+
+def load_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) -> Corpus:
+    """The corpus `name` as token-id arrays. `seed` only matters for `synthetic`."""
+    if name not in CORPORA:
+        raise BenchError(f"unknown corpus {name!r}: choose one of {', '.join(CORPORA)}")
+    oracle, known_words = None, None
+    if name == "synthetic":
+        lines, oracle, known_words = _synthetic_lines(seed)
+    else:
+        lines = _read_file_corpus(name, resolve_data_dir(data_dir))
+    tokens = {split: tokenize(lines[split]) for split in SPLITS}
+    if not any(t != EOS for t in tokens["train"]):
+        raise BenchError(f"corpus {name!r}: the training split has no words")
+    vocab = build_vocabulary(tokens["train"], known_words)
+    splits = {split: encode(tokens[split], vocab, f"{name} {split}") for split in SPLITS}
+    return Corpus(name=name, vocab=vocab, splits=splits, oracle_log_probs=oracle)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Language-model batches
+#
+# A split of M tokens is predicted from a stream that starts with one extra <eos> (the "previous sentence
+# end"), so every token of the split -- the first word and every <eos> included -- is predicted exactly
+# once, as n-gram toolkits count them. The M (input, target) pairs are cut into B parallel streams of
+# L = ceil(M / B) steps; the last stream is padded and the padding masked out:
+#
+#     targets  t0 t1 t2 ... t{M-1}             stream 0:  t0     ... t{L-1}
+#                                     ---->    stream 1:  tL     ... t{2L-1}
+#                                              ...
+#                                              stream B-1: ...  t{M-1} pad pad
+#
+# Each stream is then read in chunks of `bptt` steps; batch i is column block i of all B streams, so
+# consecutive batches continue the same streams and a recurrent model carries its hidden state across
+# them (detached at every chunk boundary: truncated BPTT). The feed-forward and n-gram models carry their
+# last n-1 words the same way.
+# --------------------------------------------------------------------------------------------------------
+
+
+def batchify(ids: np.ndarray, eos: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, mask), each (B, L): the split as B parallel streams, every token predicted once."""
+    inputs = np.concatenate([[eos], ids[:-1]])
+    length = -(-len(ids) // batch_size)
+    pad = batch_size * length - len(ids)
+    mask = np.concatenate([np.ones(len(ids), dtype=bool), np.zeros(pad, dtype=bool)])
+    inputs, targets = (np.concatenate([a, np.full(pad, eos)]) for a in (inputs, ids))
+    return tuple(torch.from_numpy(a.reshape(batch_size, length)) for a in (inputs, targets, mask))
+
+
+class StreamChunks(Dataset):
+    """Chunk i = steps [i*bptt, (i+1)*bptt) of every stream: one ready-made batch per item."""
+
+    def __init__(self, ids: np.ndarray, eos: int, batch_size: int, bptt: int):
+        self.inputs, self.targets, self.mask = batchify(ids, eos, batch_size)
+        self.bptt = bptt
+
+    def __len__(self) -> int:
+        return -(-self.inputs.shape[1] // self.bptt)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        window = slice(i * self.bptt, (i + 1) * self.bptt)
+        return self.inputs[:, window], self.targets[:, window], self.mask[:, window]
+
+
+class LanguageModelData(pl.LightningDataModule):
+    """Stream batches of one corpus for training (in order: the state carries) and evaluation."""
+
+    def __init__(self, corpus: Corpus, batch_size: int, bptt: int, eval_batch_size: int = 10):
+        super().__init__()
+        self.corpus, self.batch_size, self.bptt, self.eval_batch_size = corpus, batch_size, bptt, eval_batch_size
+
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
+        chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, self.bptt)
+        return DataLoader(chunks, batch_size=None, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)

@@ -1,0 +1,136 @@
+"""One run = one record: train a model from a validated configuration with Lightning and measure it.
+
+The record holds the perplexities (train of the last epoch, valid of the best checkpoint, test), the
+speed figures of Mikolov et al. 2011's Table 3 (training tokens per second and minutes per epoch, training
+steps only -- validation excluded; seconds to score the test set), parameter count, peak memory, device,
+seed, commit, library versions and the full configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from bench.config import model_arguments
+from bench.data import Corpus, LanguageModelData, load_corpus
+from bench.models import REGISTRY
+
+
+class SpeedMonitor(pl.Callback):
+    """Times the training steps (forward, backward, update) and the scoring of the test set."""
+
+    def __init__(self):
+        self.train_seconds: list[float] = []  # per completed epoch
+        self.train_tokens = 0
+        self.test_seconds = 0.0
+        self._epoch_seconds = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch_seconds = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._epoch_seconds += time.perf_counter() - self._batch_start
+        self.train_tokens += int(batch[2].sum())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.train_seconds.append(self._epoch_seconds)
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._test_start = time.perf_counter()
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self.test_seconds = time.perf_counter() - self._test_start
+
+
+@functools.lru_cache(maxsize=4)
+def cached_corpus(name: str, data_dir: str | None) -> Corpus:
+    return load_corpus(name, data_dir)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def library_versions() -> dict:
+    import lightning
+    import optuna
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "optuna": optuna.__version__, "numpy": np.__version__}
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated on CUDA; the process's peak resident set size on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = True,
+                  checkpoint_dir: str | None = None) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="auto", devices=1, max_epochs=config["max_epochs"],
+        max_time=timedelta(minutes=config["max_minutes"]),
+        gradient_clip_val=config["clip"] or None, deterministic=True, num_sanity_val_steps=0,
+        callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
+        enable_model_summary=False, default_root_dir=checkpoint_dir,
+    )
+
+
+def run_experiment(config: dict, data_dir: str | None = None, logger=None, callbacks: tuple = (),
+                   progress: bool = True) -> dict:
+    """Train and evaluate one validated configuration (bench.config.make_config); return its record."""
+    pl.seed_everything(config["seed"], verbose=False)
+    corpus = cached_corpus(config["corpus"], str(data_dir) if data_dir else None)
+    model = REGISTRY[config["model"]].module(corpus.vocab.counts, **model_arguments(config))
+    data = LanguageModelData(corpus, config["batch_size"], config["bptt"], config["eval_batch_size"])
+    speed = SpeedMonitor()
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as checkpoint_dir:
+        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_ppl", mode="min", save_weights_only=True)
+        stopping = EarlyStopping(monitor="val_ppl", mode="min", patience=config["patience"], check_finite=True)
+        trainer = build_trainer(config, [speed, checkpoint, stopping, *callbacks], logger, progress, checkpoint_dir)
+        trainer.fit(model, datamodule=data)
+        train_ppl = float(trainer.callback_metrics.get("train_ppl", float("nan")))
+        model.keep_token_nll = bool(config["kn_order"])
+        test = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)[0]
+    device = str(model.device)
+    record = {
+        "model": config["model"],
+        "corpus": config["corpus"],
+        "train_ppl": train_ppl,
+        "valid_ppl": float(checkpoint.best_model_score),
+        "test_ppl": float(test["test_ppl"]),
+        "oracle_ppl": corpus.oracle_perplexity("test"),
+        "unigram_ppl": corpus.unigram_perplexity("test"),
+        "epochs": len(speed.train_seconds),
+        "tokens_per_second": speed.train_tokens / max(sum(speed.train_seconds), 1e-9),
+        "minutes_per_epoch": float(np.mean(speed.train_seconds)) / 60,
+        "test_seconds": speed.test_seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": device,
+        "seed": config["seed"],
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "config": config,
+    }
+    return record

@@ -1,0 +1,59 @@
+"""The registry: a model name -> its module, its fixed settings, and its default hyper-parameters.
+
+`defaults` are what `bench train` uses (the paper's settings where there is one); `quick` overrides them
+for `bench run`'s few-minute comparison on `synthetic`. `fixed` settings define the model and cannot be
+changed with --set (rnn-bp and rnn-bptt are one network trained two ways).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.models.elman import ElmanLM
+from bench.models.ffnn import FeedForwardLM
+from bench.models.recurrent import RecurrentLM
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    module: type
+    defaults: dict
+    quick: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    task: str = "lm"  # "lm": scored by perplexity; "tagging": by F1
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "ffnn": ModelSpec(
+        FeedForwardLM,
+        defaults=dict(order=5, embedding_size=60, hidden_size=200, activation="tanh", optimizer="sgd", lr=0.1,
+                      bptt=32, batch_size=32),
+        quick=dict(hidden_size=128, embedding_size=32, lr=0.5, max_epochs=6),
+    ),
+    "rnn-bp": ModelSpec(
+        ElmanLM,
+        defaults=dict(hidden_size=200, activation="sigmoid", optimizer="sgd", lr=1.0, bptt=5, batch_size=32),
+        quick=dict(hidden_size=128, max_epochs=6),
+        fixed=dict(backprop="bp"),
+    ),
+    "rnn-bptt": ModelSpec(
+        ElmanLM,
+        defaults=dict(hidden_size=200, activation="sigmoid", optimizer="sgd", lr=1.0, bptt=5, batch_size=32),
+        quick=dict(hidden_size=128, max_epochs=6),
+        fixed=dict(backprop="bptt"),
+    ),
+    "gru": ModelSpec(
+        RecurrentLM,
+        defaults=dict(embedding_size=200, hidden_size=200, layers=2, dropout=0.0, tie_weights=False,
+                      optimizer="sgd", lr=1.0, bptt=20, batch_size=20, clip=0.25),
+        quick=dict(embedding_size=128, hidden_size=128, layers=1, max_epochs=6),
+        fixed=dict(cell="gru"),
+    ),
+    "lstm": ModelSpec(
+        RecurrentLM,
+        defaults=dict(embedding_size=200, hidden_size=200, layers=2, dropout=0.0, tie_weights=False,
+                      optimizer="sgd", lr=1.0, bptt=20, batch_size=20, clip=0.25),
+        quick=dict(embedding_size=128, hidden_size=128, layers=1, max_epochs=6),
+        fixed=dict(cell="lstm"),
+    ),
+}

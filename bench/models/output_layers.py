@@ -1,0 +1,198 @@
+"""Output layers: turn a hidden vector h into -log p(w | h) over the vocabulary.
+
+Every sequence model of the registry ends in one of these, chosen by the `output` hyper-parameter, so any
+model can be combined with any output layer. Word ids are sorted by descending training frequency
+(see bench.data.Vocabulary), which the frequency-based layers rely on.
+
+    full:      p(w | h) = softmax(V h + b)_w                                  cost per token ~ |V|
+    class:     p(w | h) = softmax(W_c h + b_c)_c(w) * softmax_{v in c(w)}(W_v h + b_v)_w
+                                                                              cost per token ~ C + |c(w)|
+    adaptive:  p(w | h) = softmax(A h)_w                                      w in the shortlist
+               p(w | h) = softmax(A h)_i * softmax(T_i P_i h)_w               w in tail cluster i
+                                                                              cost per token ~ |shortlist| +
+                                                                              #clusters (+ |cluster i| H / d^i)
+
+`class` (Mikolov et al. 2011, the rnnlm toolkit) splits the vocabulary into C classes of contiguous word ids
+by unigram mass (`class_binning` "frequency": count / total, or "sqrt": sqrt(count) / sum sqrt(count)), so
+each class carries about 1/C of the mass; with C ~ sqrt(|V|) the cost drops from |V| to ~2 sqrt(|V|).
+`adaptive` is torch.nn.AdaptiveLogSoftmaxWithLoss (Grave et al. 2017): a head over the `cutoffs[0]` most
+frequent words plus one entry per tail cluster, each cluster behind a projection to H / div_value^i.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bench.errors import BenchError
+
+CLASS_BINNINGS = ("frequency", "sqrt")
+
+
+class FullSoftmax(nn.Module):
+    """The ordinary softmax over the whole vocabulary."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,)."""
+        return F.cross_entropy(self.decoder(hidden), target, reduction="none")
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log p(w | hidden) for every word: (N, V). Used by tests and interpolation, not in training."""
+        return F.log_softmax(self.decoder(hidden), dim=-1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def bin_classes(counts: np.ndarray, classes: int, binning: str = "frequency") -> np.ndarray:
+    """The class of every word id (non-decreasing, each of the `classes` classes non-empty).
+
+    The rnnlm toolkit's walk: go through the words in id order (descending count) accumulating their share
+    of the mass; a word joins the current class, and the class closes once the cumulative mass exceeds
+    (c + 1) / C. A word heavier than 1/C passes several thresholds but closes only one class, so the walk can
+    end with fewer than C classes; the missing ones come from halving the largest class (by words) until
+    there are C, which also handles C = |V| and words of zero count.
+    """
+    vocab_size = len(counts)
+    if not _is_int(classes) or not 1 <= classes <= vocab_size:
+        raise BenchError(f"classes must be between 1 and |V|={vocab_size}, got {classes!r}")
+    if binning not in CLASS_BINNINGS:
+        raise BenchError(f"class_binning must be one of {', '.join(CLASS_BINNINGS)}, got {binning!r}")
+    mass = np.asarray(counts, dtype=np.float64)
+    if binning == "sqrt":
+        mass = np.sqrt(mass)
+    total = mass.sum()
+    cumulative = np.cumsum(mass) / total if total > 0 else np.zeros(vocab_size)
+    word_class = np.empty(vocab_size, dtype=np.int64)
+    current = 0
+    for word, df in enumerate(cumulative.tolist()):
+        word_class[word] = current
+        if df > (current + 1) / classes and current < classes - 1:
+            current += 1
+    bounds = np.searchsorted(word_class, np.arange(word_class[-1] + 2))
+    heap = [(start - end, start, end) for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    heapq.heapify(heap)
+    while len(heap) < classes:  # some class has >= 2 words, since there are fewer classes than words
+        _, start, end = heapq.heappop(heap)
+        middle = (start + end) // 2
+        heapq.heappush(heap, (start - middle, start, middle))
+        heapq.heappush(heap, (middle - end, middle, end))
+    starts = np.array(sorted(start for _, start, _ in heap))
+    return np.repeat(np.arange(classes), np.diff(np.append(starts, vocab_size)))
+
+
+class ClassSoftmax(nn.Module):
+    """Class-factorised softmax: p(w | h) = p(c(w) | h) p(w | c(w), h), classes of contiguous word ids."""
+
+    def __init__(self, hidden_size: int, counts: np.ndarray, classes: int | None = None,
+                 class_binning: str = "frequency"):
+        super().__init__()
+        vocab_size = len(counts)
+        if classes is None:
+            classes = max(1, round(math.sqrt(vocab_size)))
+        word_class = bin_classes(counts, classes, class_binning)
+        class_start = np.searchsorted(word_class, np.arange(classes + 1))
+        # Buffers, not recomputed on load: the assignment is part of the model and saved in checkpoints.
+        self.register_buffer("word_class", torch.from_numpy(word_class))
+        self.register_buffer("word_pos", torch.from_numpy(np.arange(vocab_size) - class_start[word_class]))
+        self.register_buffer("class_start", torch.from_numpy(class_start))
+        self.class_decoder = nn.Linear(hidden_size, classes)
+        self.word_decoder = nn.Linear(hidden_size, vocab_size)  # row w scores word w within its class
+
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,).
+
+        Only the class logits and the logits of the target's class are computed: tokens are grouped by
+        class and each class present costs one (n_c x H) @ (H x |c|) product, so no token pays for the
+        vocabulary or for the largest class.
+        """
+        cls = self.word_class[target]
+        nll = F.cross_entropy(self.class_decoder(hidden), cls, reduction="none")
+        # In a one-word class p(w | c, h) = 1: those tokens (the most frequent words) need nothing more.
+        sizes = self.class_start[cls + 1] - self.class_start[cls]
+        tokens = torch.nonzero(sizes > 1).squeeze(1)
+        if tokens.numel() == 0:
+            return nll
+        tokens = tokens[torch.argsort(cls[tokens], stable=True)]
+        present, tokens_per_class = torch.unique_consecutive(cls[tokens], return_counts=True)
+        starts = self.class_start[present]
+        class_sizes = self.class_start[present + 1] - starts
+        # The rows of all present classes, class after class, in one index_select: slicing the decoder
+        # per class would make backward add one |V| x H gradient per class instead of one in all.
+        offsets = torch.repeat_interleave(starts - (class_sizes.cumsum(0) - class_sizes), class_sizes)
+        rows = torch.arange(len(offsets), device=offsets.device) + offsets
+        split = class_sizes.tolist()
+        weights = self.word_decoder.weight.index_select(0, rows).split(split)
+        biases = self.word_decoder.bias.index_select(0, rows).split(split)
+        per_class = tokens_per_class.tolist()
+        hiddens = hidden.index_select(0, tokens).split(per_class)
+        positions = self.word_pos[target[tokens]].split(per_class)
+        word_nll = torch.cat([F.cross_entropy(F.linear(h, w, b), p, reduction="none")
+                              for h, w, b, p in zip(hiddens, weights, biases, positions)])
+        return nll.index_add(0, tokens, word_nll)
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log p(w | hidden) for every word: (N, V). Used by tests and interpolation, not in training."""
+        class_lp = F.log_softmax(self.class_decoder(hidden), dim=-1)
+        logits = self.word_decoder(hidden)
+        index = self.word_class.expand_as(logits)
+        # Log-sum-exp within each class, shifted by the class maximum for stability; the shift cancels,
+        # so it carries no gradient.
+        shift = logits.new_full(class_lp.shape, -math.inf).scatter_reduce(1, index, logits.detach(), "amax")
+        shifted = logits - shift.gather(1, index)
+        log_norm = torch.zeros_like(class_lp).scatter_add(1, index, shifted.exp()).log()
+        return class_lp.gather(1, index) + shifted - log_norm.gather(1, index)
+
+
+class AdaptiveSoftmax(nn.Module):
+    """torch.nn.AdaptiveLogSoftmaxWithLoss (Grave et al. 2017) behind the interface of the other layers."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, cutoffs=None, div_value: float = 4.0):
+        super().__init__()
+        if cutoffs is None:  # head ~ the most frequent 20% of the vocabulary, two tail clusters
+            cutoffs = sorted({min(max(round(f * vocab_size), 1), vocab_size - 1) for f in (0.2, 0.6)})
+        if (not isinstance(cutoffs, (list, tuple)) or not cutoffs or not all(_is_int(c) for c in cutoffs)
+                or cutoffs[0] <= 0 or cutoffs[-1] >= vocab_size
+                or any(a >= b for a, b in zip(cutoffs, cutoffs[1:]))):
+            raise BenchError(f"cutoffs must be increasing and below |V|={vocab_size}, got {cutoffs!r}")
+        if not isinstance(div_value, (int, float)) or isinstance(div_value, bool) or not div_value > 0:
+            raise BenchError(f"div_value must be a positive number, got {div_value!r}")
+        self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, [int(c) for c in cutoffs],
+                                                      div_value=float(div_value))
+
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,)."""
+        return -self.adaptive(hidden, target).output
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log p(w | hidden) for every word: (N, V). Used by tests and interpolation, not in training."""
+        return self.adaptive.log_prob(hidden)
+
+
+OUTPUT_OPTIONS = {"full": (), "class": ("classes", "class_binning"), "adaptive": ("cutoffs", "div_value")}
+OUTPUT_LAYERS = tuple(OUTPUT_OPTIONS)
+
+
+def build_output_layer(kind: str, hidden_size: int, counts: np.ndarray, **options) -> nn.Module:
+    """The output layer named `kind` for a vocabulary with training counts `counts` (sorted descending)."""
+    if kind not in OUTPUT_OPTIONS:
+        raise BenchError(f"unknown output layer {kind!r}: choose one of {', '.join(OUTPUT_LAYERS)}")
+    unknown = sorted(set(options) - set(OUTPUT_OPTIONS[kind]))
+    if unknown:
+        allowed = ", ".join(OUTPUT_OPTIONS[kind]) or "none"
+        raise BenchError(f"unknown option(s) {', '.join(unknown)} for output layer {kind!r} (allowed: {allowed})")
+    if kind == "class":
+        return ClassSoftmax(hidden_size, counts, **options)
+    if kind == "adaptive":
+        return AdaptiveSoftmax(hidden_size, len(counts), **options)
+    return FullSoftmax(hidden_size, len(counts))

@@ -1,0 +1,60 @@
+"""The results database: an Optuna storage in which every run is a trial with its record attached.
+
+`bench train` and `bench run` add completed trials; `bench sweep` runs studies in the same storage; the
+reports read it back. The default is a SQLite file in the working directory; any Optuna storage URL works
+(sqlite:///path.db, postgresql://..., or a journal file for several processes on one machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import optuna
+
+from bench.errors import BenchError
+
+DEFAULT_STORAGE = "sqlite:///bench.db"
+# The figures shown as their own columns by study.trials_dataframe(); the whole record is attribute "record".
+SUMMARY_KEYS = ("model", "corpus", "valid_ppl", "test_ppl", "tokens_per_second", "minutes_per_epoch")
+
+
+def redact(url: str) -> str:
+    """The storage URL with any password replaced, for printing."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def open_storage(url: str | None = None):
+    """An Optuna storage from a URL: RDB URLs as they are; `journal:PATH` for Optuna's journal file."""
+    url = url or DEFAULT_STORAGE
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        return optuna.storages.RDBStorage(url)
+    except Exception as error:  # SQLAlchemy and driver errors: a bad URL or an unreachable server
+        raise BenchError(f"cannot open storage {redact(url)}: {str(error).splitlines()[0]}") from None
+
+
+def plain(value):
+    """The record as JSON-safe values (Optuna user attributes): NaN/inf become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return json.loads(json.dumps(value, default=float))
+
+
+def save_record(record: dict, storage, study_name: str, metric: str = "valid_ppl") -> optuna.trial.FrozenTrial:
+    """Add the finished run `record` to `study_name` as a completed trial valued by `metric`."""
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                direction="maximize" if metric.endswith("f1") else "minimize")
+    record = plain(record)
+    attrs = {"record": record, **{k: record.get(k) for k in SUMMARY_KEYS}}
+    trial = optuna.trial.create_trial(value=record[metric], user_attrs=attrs)
+    study.add_trial(trial)
+    return trial
