@@ -86,8 +86,10 @@ COMMANDS = {"train": command_train, "run": command_run}
 
 def quiet_libraries() -> None:
     """Keep Lightning's banners and advice out of the tables the suite prints."""
+    import datasets
     import optuna
 
+    datasets.disable_progress_bars()
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("lightning.pytorch", "lightning.fabric", "datasets", "huggingface_hub"):

@@ -239,21 +239,28 @@ class StreamChunks(Dataset):
 
 
 class LanguageModelData(pl.LightningDataModule):
-    """Stream batches of one corpus for training (in order: the state carries) and evaluation."""
+    """Stream batches of one corpus for training (in order: the state carries) and evaluation.
 
-    def __init__(self, corpus: Corpus, batch_size: int, bptt: int, eval_batch_size: int = 10):
+    Scoring defaults to one stream, so every token is predicted from its whole history, as the rnnlm
+    toolkit and n-gram toolkits score; with B > 1 streams, each stream after the first starts mid-text from
+    an empty state. Scoring needs no truncation, so it reads long chunks.
+    """
+
+    def __init__(self, corpus: Corpus, batch_size: int, bptt: int, eval_batch_size: int = 1,
+                 eval_bptt: int = 256):
         super().__init__()
-        self.corpus, self.batch_size, self.bptt, self.eval_batch_size = corpus, batch_size, bptt, eval_batch_size
+        self.corpus, self.batch_size, self.bptt = corpus, batch_size, bptt
+        self.eval_batch_size, self.eval_bptt = eval_batch_size, eval_bptt
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader:
-        chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, self.bptt)
+    def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader:
+        chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, bptt)
         return DataLoader(chunks, batch_size=None, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size)
+        return self._loader("train", self.batch_size, self.bptt)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", self.eval_batch_size)
+        return self._loader("valid", self.eval_batch_size, self.eval_bptt)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+        return self._loader("test", self.eval_batch_size, self.eval_bptt)

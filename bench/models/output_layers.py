@@ -59,9 +59,10 @@ def bin_classes(counts: np.ndarray, classes: int, binning: str = "frequency") ->
 
     The rnnlm toolkit's walk: go through the words in id order (descending count) accumulating their share
     of the mass; a word joins the current class, and the class closes once the cumulative mass exceeds
-    (c + 1) / C. A word heavier than 1/C passes several thresholds but closes only one class, so the walk can
-    end with fewer than C classes; the missing ones come from halving the largest class (by words) until
-    there are C, which also handles C = |V| and words of zero count.
+    (c + 1) / C. A class closes only after a word, so when C is close to |V| the words can run out before
+    the thresholds do (C = |V| with equal counts: word i brings the mass to exactly (i + 1) / C, which does
+    not exceed it); the missing classes come from halving the largest class (by words) until there are C,
+    which also covers words of zero count.
     """
     vocab_size = len(counts)
     if not _is_int(classes) or not 1 <= classes <= vocab_size:

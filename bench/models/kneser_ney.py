@@ -1,0 +1,239 @@
+r"""Interpolated modified Kneser-Ney n-gram model (Chen & Goodman 1998), with the conventions of KenLM's ``lmplz``.
+
+Chen, S. F. and Goodman, J. (1998). *An Empirical Study of Smoothing Techniques for Language Modeling*.
+Technical Report TR-10-98, Harvard University.  KenLM: Heafield et al. (2013), *Scalable Modified
+Kneser-Ney Language Model Estimation*, ACL.
+
+Counts.  Every sentence is ``<s> w_1 ... w_k </s>`` (``</s>`` is ``eos_id``; ``<s>`` is an internal id,
+context only, never predicted).  n-grams may hold ``<s>`` only in their first position, so left-padding
+with several ``<s>`` is the same as one.  The adjusted count ``a(x)`` of an n-gram ``x`` is
+
+* its raw count ``c(x)`` at the highest order N, and for every n-gram that begins with ``<s>``
+  (it cannot be extended to the left);
+* otherwise its continuation count ``N1+(. x) = |{v : c(v x) > 0}|`` (``v`` may be ``<s>``).
+
+Discounts, per order n, from the count-of-counts ``n_k`` (number of n-grams with ``a = k``)::
+
+    Y   = n1 / (n1 + 2 n2)
+    D1  = 1 - 2 Y n2 / n1
+    D2  = 2 - 3 Y n3 / n2
+    D3+ = 3 - 4 Y n4 / n3          D(a) = D1, D2, D3+ for a = 1, 2, >= 3
+
+(If this closed form fails, i.e. some n_k = 0 or D_j outside [0, j], the order falls back to
+KenLM's ``--discount_fallback`` default ``(0.5, 1.0, 1.5)``.)
+
+Interpolation, for a context ``h`` of n-1 words and its suffix ``h'`` (h without its first word)::
+
+    p(w | h)  = (a(h w) - D(a(h w)))^+ / sum_v a(h v)  +  gamma(h) p(w | h')
+    gamma(h)  = (D1 N1(h .) + D2 N2(h .) + D3+ N3+(h .)) / sum_v a(h v)
+
+where ``N_k(h .)`` counts the words following ``h`` with adjusted count k (3+: at least 3).  The
+recursion ends in the uniform distribution ``p(w) = 1/|V|`` over the ``vocab_size`` ids.  A context never
+seen in training has ``gamma = 1`` (pure back-off to the next lower order).
+
+Implementation: n-gram tables are sorted ``int64`` key arrays built hierarchically,
+``key(h w) = index(h in the sorted (n-1)-gram table) * (|V|+1) + w``, so keys stay small at any order;
+counting uses ``np.unique`` / ``np.bincount`` and lookups ``np.searchsorted``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from bench.errors import BenchError
+
+_FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)
+
+
+class KneserNey:
+    """Interpolated modified Kneser-Ney estimator of a given order over ids ``0 .. vocab_size-1``."""
+
+    def __init__(self, order: int, vocab_size: int, eos_id: int):
+        if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 1 <= order <= 9:
+            raise BenchError(f"order must be between 1 and 9, got {order}")
+        if int(vocab_size) < 1:
+            raise BenchError(f"vocab_size must be positive, got {vocab_size}")
+        if not 0 <= int(eos_id) < int(vocab_size):
+            raise BenchError(f"eos_id must be in 0..{int(vocab_size) - 1}, got {eos_id}")
+        self.order = int(order)
+        self.vocab_size = int(vocab_size)
+        self.eos_id = int(eos_id)
+        self.bos_id = self.vocab_size  # internal <s>: context only
+        self.radix = self.vocab_size + 1
+        self.discounts: dict[int, tuple[float, float, float]] = {}
+        # per order m (index m-1): sorted keys (None for unigrams: direct indexing), log p(w|h) of each
+        # stored m-gram, and log gamma of each (m-1)-gram used as context (a 1-element array at m = 1).
+        self._keys: list[np.ndarray | None] = []
+        self._logp: list[np.ndarray] = []
+        self._loggamma: list[np.ndarray] = []
+        self._fitted = False
+
+    # ------------------------------------------------------------------ estimation
+    @staticmethod
+    def _estimate_discounts(adjusted: np.ndarray) -> tuple[float, float, float]:
+        nk = np.bincount(np.minimum(adjusted, 5), minlength=6)[1:5].astype(np.float64)
+        n1, n2, n3, n4 = nk
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = n1 / (n1 + 2.0 * n2)
+            d = (1.0 - 2.0 * y * n2 / n1, 2.0 - 3.0 * y * n3 / n2, 3.0 - 4.0 * y * n4 / n3)
+        if all(np.isfinite(x) and 0.0 <= x <= j for j, x in enumerate(d, start=1)):
+            return tuple(float(x) for x in d)
+        return _FALLBACK_DISCOUNTS
+
+    def fit(self, tokens: np.ndarray) -> KneserNey:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise BenchError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+        if tokens.size == 0:
+            raise BenchError("the training corpus is empty")
+        tokens = tokens.astype(np.int64, copy=False)
+        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            raise BenchError(f"token ids must be in 0..{self.vocab_size - 1}")
+        V, R, N = self.vocab_size, self.radix, self.order
+
+        # One <s> before each sentence; jpos = position within the sentence (-1 for <s>).
+        start = np.ones(tokens.size, dtype=bool)
+        start[1:] = tokens[:-1] == self.eos_id
+        sent = np.cumsum(start) - 1
+        n_sent = int(sent[-1]) + 1
+        first = np.flatnonzero(start)
+        x = np.full(tokens.size + n_sent, self.bos_id, dtype=np.int64)
+        newpos = np.arange(tokens.size) + sent + 1
+        x[newpos] = tokens
+        jpos = np.full(x.size, -1, dtype=np.int64)
+        jpos[newpos] = np.arange(tokens.size) - first[sent]
+
+        # Tables, bottom-up. ids[m-1][p] = index of the m-gram ending at position p (-1: none).
+        ids = [x]
+        n_grams = [R]
+        raw = [np.bincount(tokens, minlength=R)]
+        ctx: list[np.ndarray | None] = [None]
+        sfx: list[np.ndarray | None] = [None]
+        bos_first = [np.arange(R) == self.bos_id]
+        self._keys = [None]
+        for m in range(2, N + 1):
+            pos = np.flatnonzero(jpos >= m - 2)
+            key = ids[m - 2][pos - 1] * R + x[pos]
+            uniq, inv = np.unique(key, return_inverse=True)
+            idm = np.full(x.size, -1, dtype=np.int64)
+            idm[pos] = inv
+            s = np.empty(uniq.size, dtype=np.int64)
+            s[inv] = ids[m - 2][pos]  # suffix (drop first word) as an (m-1)-gram index
+            c = uniq // R
+            ids.append(idm)
+            n_grams.append(uniq.size)
+            raw.append(np.bincount(inv, minlength=uniq.size))
+            ctx.append(c)
+            sfx.append(s)
+            bos_first.append(bos_first[m - 2][c])
+            self._keys.append(uniq)
+
+        # Adjusted counts: raw at the top order and for <s>-initial n-grams, else continuation counts.
+        adj: list[np.ndarray] = [None] * N  # type: ignore[list-item]
+        adj[N - 1] = raw[N - 1]
+        for m in range(N - 1, 0, -1):
+            cont = np.bincount(sfx[m], minlength=n_grams[m - 1])
+            adj[m - 1] = np.where(bos_first[m - 1], raw[m - 1], cont)
+        adj[0] = adj[0].copy()
+        adj[0][self.bos_id] = 0
+
+        # Probabilities, bottom-up.
+        self.discounts = {}
+        self._logp, self._loggamma = [], []
+        lower = np.full(R, 1.0 / V)  # p of the level below (uniform; the <s> slot is never read)
+        for m in range(1, N + 1):
+            a = adj[m - 1]
+            d = self._estimate_discounts(a)
+            self.discounts[m] = d
+            dvec = np.array([0.0, d[0], d[1], d[2]])[np.minimum(a, 3)]
+            n_ctx = 1 if m == 1 else n_grams[m - 2]
+            c = np.zeros(a.size, dtype=np.int64) if m == 1 else ctx[m - 1]
+            denom = np.bincount(c, weights=a, minlength=n_ctx)
+            mass = np.bincount(c, weights=np.where(a > 0, dvec, 0.0), minlength=n_ctx)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gamma = np.where(denom > 0, mass / denom, 1.0)
+                u = np.maximum(a - dvec, 0.0) / denom[c]
+            u = np.where(a > 0, u, 0.0)
+            below = lower if m == 1 else lower[sfx[m - 1]]
+            p = u + gamma[c] * below
+            if m == 1:
+                p[self.bos_id] = 0.0
+            with np.errstate(divide="ignore"):
+                self._logp.append(np.log(p))
+                self._loggamma.append(np.log(gamma))
+            lower = p
+        self._fitted = True
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _lookup(self, m: int, prefix: np.ndarray, word: np.ndarray) -> np.ndarray:
+        """Index of the m-gram (prefix m-1-gram index, word) in table m, or -1; prefix -1 stays -1."""
+        keys = self._keys[m - 1]
+        out = np.full(prefix.shape, -1, dtype=np.int64)
+        ok = prefix >= 0
+        if keys.size == 0 or not ok.any():
+            return out
+        k = prefix[ok] * self.radix + word[ok]
+        i = np.minimum(np.searchsorted(keys, k), keys.size - 1)
+        out[ok] = np.where(keys[i] == k, i, -1)
+        return out
+
+    def log_prob(self, contexts: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        if not self._fitted:
+            raise BenchError("KneserNey.log_prob called before fit")
+        N = self.order
+        targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+        contexts = np.asarray(contexts, dtype=np.int64)
+        if contexts.ndim == 1 and N - 1 == 0:
+            contexts = contexts.reshape(-1, 0)
+        if contexts.ndim != 2 or contexts.shape != (targets.size, N - 1):
+            raise BenchError(
+                f"contexts must have shape ({targets.size}, {N - 1}), got {tuple(contexts.shape)}"
+            )
+        if targets.size and (targets.min() < 0 or targets.max() >= self.vocab_size):
+            raise BenchError(f"target ids must be in 0..{self.vocab_size - 1}")
+        if contexts.size and (contexts.min() < -1 or contexts.max() >= self.vocab_size):
+            raise BenchError(f"context ids must be in -1..{self.vocab_size - 1}")
+        n = targets.size
+        # Sentence boundary: the last -1 / eos in a row and everything older become <s>.
+        boundary = (contexts == -1) | (contexts == self.eos_id)
+        cols = np.arange(N - 1)
+        last = np.where(boundary, cols, -1).max(axis=1, initial=-1)
+        ctx = np.where(cols[None, :] <= last[:, None], self.bos_id, contexts)
+        row = np.concatenate([ctx, targets[:, None]], axis=1)  # (n, N)
+
+        # g[m-1][:, col] = index of the m-gram ending at column col (-1 if absent).
+        g = [row]
+        for m in range(2, N + 1):
+            gm = np.full((n, N), -1, dtype=np.int64)
+            for col in range(m - 1, N):
+                gm[:, col] = self._lookup(m, g[m - 2][:, col - 1], row[:, col])
+            g.append(gm)
+
+        # Longest stored m-gram ending in the target, times gamma of every longer seen context.
+        out = self._logp[0][targets].copy()
+        for m in range(2, N + 1):
+            hit = g[m - 1][:, N - 1]
+            h = g[m - 2][:, N - 2]  # context (m-1)-gram
+            found = hit >= 0
+            lg = np.zeros(n)
+            seen = h >= 0
+            lg[seen] = self._loggamma[m - 1][h[seen]]
+            out = np.where(found, self._logp[m - 1][np.maximum(hit, 0)], out + lg)
+        return out
+
+    def log_prob_stream(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        k = self.order - 1
+        padded = np.concatenate([np.full(k, -1, dtype=np.int64), tokens])
+        contexts = np.lib.stride_tricks.sliding_window_view(padded, k + 1)[:, :k]
+        return self.log_prob(contexts, tokens)
+
+    def distribution(self, context: Sequence[int]) -> np.ndarray:
+        k = self.order - 1
+        ctx = [int(c) for c in context][-k:] if k else []
+        ctx = [-1] * (k - len(ctx)) + ctx
+        contexts = np.tile(np.asarray(ctx, dtype=np.int64), (self.vocab_size, 1)).reshape(self.vocab_size, k)
+        return np.exp(self.log_prob(contexts, np.arange(self.vocab_size)))

@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# The corpora live beside the project (../shared/data); CI and the README point BENCH_DATA_DIR there.
+os.environ.setdefault("BENCH_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing corpus fails at once instead of retrying the Hub
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f" {line} \n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def tiny_ptb(tmp_path):
+    """A data directory holding a PTB-shaped corpus of a few sentences."""
+    train = ["the cat sat", "the dog sat on the mat", "a cat <unk>"] * 20
+    write_lines(tmp_path / "ptb" / "ptb.train.txt", train)
+    write_lines(tmp_path / "ptb" / "ptb.valid.txt", ["the cat sat on a mat", "the zebra sat"])
+    write_lines(tmp_path / "ptb" / "ptb.test.txt", ["a dog sat", "the cat"])
+    return tmp_path
