@@ -62,7 +62,7 @@ MODEL = {
     "class_binning": Param(str, choices=("frequency", "sqrt")),
     "cutoffs": Param("ints", help="adaptive softmax cluster boundaries (word ids)"),
     "div_value": Param(float, 1.0, 1e3),
-    "order": Param(int, 2, 9, help="n of the n-gram context"),
+    "order": Param(int, 1, 9, help="n of the n-gram (Kneser-Ney) or of the feed-forward model's context"),
     "embedding_size": Param(int, 1, 1_000_000),
     "hidden_size": Param(int, 1, 1_000_000),
     "layers": Param(int, 1, 64),
@@ -70,8 +70,10 @@ MODEL = {
     "activation": Param(str, choices=("sigmoid", "tanh", "relu")),
     "tie_weights": Param(bool),
 }
-SHARED_MODEL_KEYS = ("optimizer", "lr", "output", "classes", "class_binning", "cutoffs", "div_value")
+# Keys of every neural model (trained by gradient, ending in an output layer).
+NEURAL_KEYS = ("optimizer", "lr", "output", "classes", "class_binning", "cutoffs", "div_value", "clip", "kn_order")
 OUTPUT_OPTIONS = {"classes": "class", "class_binning": "class", "cutoffs": "adaptive", "div_value": "adaptive"}
+QUICK_DEFAULTS = dict(kn_order=5)  # the quick suite shows every neural model's NN+KN column
 HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=1, max_epochs=20, max_minutes=60.0,
                         clip=0.0, patience=1, kn_order=0, output="full")
 
@@ -92,10 +94,8 @@ def parse_assignments(assignments: list[str]) -> dict:
 
 def allowed_keys(model: str) -> list[str]:
     spec = REGISTRY[model]
-    model_keys = set(spec.defaults) - set(HARNESS)
-    if spec.task == "lm":
-        model_keys |= set(SHARED_MODEL_KEYS)
-    return sorted(set(HARNESS) | model_keys)
+    keys = set(HARNESS) - set(NEURAL_KEYS) | set(spec.defaults)
+    return sorted(keys | set(NEURAL_KEYS) if spec.neural else keys)
 
 
 def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
@@ -110,7 +110,8 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
             raise BenchError(f"{key} is fixed for {model} (it is what makes it {model})")
         if key not in keys:
             raise BenchError(f"unknown hyper-parameter {key!r} for {model}; known: {', '.join(keys)}")
-    config = {**HARNESS_DEFAULTS, **spec.defaults, **(spec.quick if quick else {}), **overrides}
+    quick_settings = {**QUICK_DEFAULTS, **spec.quick} if quick else {}
+    config = {**HARNESS_DEFAULTS, **spec.defaults, **quick_settings, **overrides}
     config = {key: value for key, value in config.items() if key in keys}
     for key, value in config.items():
         config[key] = {**HARNESS, **MODEL}[key].check(key, value)

@@ -24,7 +24,9 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from bench.config import model_arguments
 from bench.data import Corpus, LanguageModelData, load_corpus
+from bench.interpolation import tune_interpolation
 from bench.models import REGISTRY
+from bench.models.kneser_ney import KneserNey
 
 
 class SpeedMonitor(pl.Callback):
@@ -61,6 +63,14 @@ def cached_corpus(name: str, data_dir: str | None) -> Corpus:
     return load_corpus(name, data_dir)
 
 
+@functools.lru_cache(maxsize=4)
+def kneser_ney_log_probs(corpus_name: str, data_dir: str | None, order: int) -> dict[str, np.ndarray]:
+    """Per-token log p of the valid and test splits under a Kneser-Ney model of the training split."""
+    corpus = cached_corpus(corpus_name, data_dir)
+    estimator = KneserNey(order, len(corpus.vocab), corpus.vocab.eos).fit(corpus.splits["train"])
+    return {split: estimator.log_prob_stream(corpus.splits[split]) for split in ("valid", "test")}
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -90,7 +100,7 @@ def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = T
     return pl.Trainer(
         accelerator="auto", devices=1, max_epochs=config["max_epochs"],
         max_time=timedelta(minutes=config["max_minutes"]),
-        gradient_clip_val=config["clip"] or None, deterministic=True, num_sanity_val_steps=0,
+        gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
         callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
         enable_model_summary=False, default_root_dir=checkpoint_dir,
     )
@@ -100,8 +110,9 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
                    progress: bool = True) -> dict:
     """Train and evaluate one validated configuration (bench.config.make_config); return its record."""
     pl.seed_everything(config["seed"], verbose=False)
-    corpus = cached_corpus(config["corpus"], str(data_dir) if data_dir else None)
-    model = REGISTRY[config["model"]].module(corpus.vocab.counts, **model_arguments(config))
+    data_dir = str(data_dir) if data_dir else None
+    corpus = cached_corpus(config["corpus"], data_dir)
+    model = REGISTRY[config["model"]].module(corpus.vocab, **model_arguments(config))
     data = LanguageModelData(corpus, config["batch_size"], config["bptt"], config["eval_batch_size"])
     speed = SpeedMonitor()
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as checkpoint_dir:
@@ -109,16 +120,26 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         stopping = EarlyStopping(monitor="val_ppl", mode="min", patience=config["patience"], check_finite=True)
         trainer = build_trainer(config, [speed, checkpoint, stopping, *callbacks], logger, progress, checkpoint_dir)
         trainer.fit(model, datamodule=data)
-        train_ppl = float(trainer.callback_metrics.get("train_ppl", float("nan")))
-        model.keep_token_nll = bool(config["kn_order"])
-        test = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)[0]
+        # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint.
+        best = "best" if checkpoint.best_model_path else None
+        model.keep_token_nll = bool(config.get("kn_order"))
+        if model.keep_token_nll:
+            trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
+        trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
+    interpolation = {}
+    if model.keep_token_nll:
+        kn = kneser_ney_log_probs(config["corpus"], data_dir, config["kn_order"])
+        interpolation = tune_interpolation(valid=(-model.scored_token_nll("val"), kn["valid"]),
+                                           test=(-model.scored_token_nll("test"), kn["test"]))
     device = str(model.device)
     record = {
         "model": config["model"],
         "corpus": config["corpus"],
-        "train_ppl": train_ppl,
-        "valid_ppl": float(checkpoint.best_model_score),
-        "test_ppl": float(test["test_ppl"]),
+        "train_ppl": model.perplexities["train"][-1] if model.perplexities["train"] else None,
+        "valid_ppl": min(model.perplexities["val"]),
+        "test_ppl": model.perplexities["test"][-1],
+        **interpolation,
+        "valid_ppl_per_epoch": model.perplexities["val"][:len(speed.train_seconds)],
         "oracle_ppl": corpus.oracle_perplexity("test"),
         "unigram_ppl": corpus.unigram_perplexity("test"),
         "epochs": len(speed.train_seconds),

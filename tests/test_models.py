@@ -4,23 +4,23 @@ import pytest
 import torch
 
 from bench.config import make_config, model_arguments
-from bench.data import LanguageModelData, load_corpus
+from bench.data import LanguageModelData, Vocabulary, load_corpus
 from bench.models import REGISTRY
 from bench.models.elman import ElmanLM
 
-COUNTS = np.array([50, 30, 20, 10, 5, 3, 2, 1])
+VOCAB = Vocabulary(words=["<eos>", *"abcdefg"], counts=np.array([50, 30, 20, 10, 5, 3, 2, 1]))
 
 
 def build(name: str, **overrides):
     config = make_config(name, {"hidden_size": 16, **overrides})
-    return REGISTRY[name].module(COUNTS, **model_arguments(config))
+    return REGISTRY[name].module(VOCAB, **model_arguments(config))
 
 
 @pytest.mark.parametrize("backprop,bptt,reaches", [("bp", 5, False), ("bptt", 3, True), ("bptt", 5, True)])
 def test_gradient_reaches_two_steps_back_only_with_bptt(backprop, bptt, reaches):
     torch.manual_seed(0)
-    model = ElmanLM(COUNTS, backprop=backprop, hidden_size=8)
-    inputs = torch.randint(0, len(COUNTS), (2, bptt))
+    model = ElmanLM(VOCAB, backprop=backprop, hidden_size=8)
+    inputs = torch.randint(0, len(VOCAB), (2, bptt))
     ux = model.input(inputs).detach().requires_grad_(True)
     hidden, _ = model.recur(ux, model.init_state(2))
     t = bptt - 1
@@ -34,10 +34,10 @@ def test_gradient_reaches_two_steps_back_only_with_bptt(backprop, bptt, reaches)
 
 def test_bp_and_bptt_compute_the_same_forward_values():
     torch.manual_seed(0)
-    bp = ElmanLM(COUNTS, backprop="bp", hidden_size=8)
-    bptt = ElmanLM(COUNTS, backprop="bptt", hidden_size=8)
+    bp = ElmanLM(VOCAB, backprop="bp", hidden_size=8)
+    bptt = ElmanLM(VOCAB, backprop="bptt", hidden_size=8)
     bptt.load_state_dict(bp.state_dict())
-    inputs = torch.randint(0, len(COUNTS), (3, 6))
+    inputs = torch.randint(0, len(VOCAB), (3, 6))
     h_bp, s_bp = bp(inputs, bp.init_state(3))
     h_bptt, s_bptt = bptt(inputs, bptt.init_state(3))
     torch.testing.assert_close(h_bp, h_bptt)
@@ -48,8 +48,8 @@ def test_bp_and_bptt_compute_the_same_forward_values():
 def test_chunked_scoring_with_carried_state_equals_scoring_the_whole_stream(name):
     torch.manual_seed(0)
     model = build(name).eval()
-    inputs = torch.randint(0, len(COUNTS), (2, 12))
-    targets = torch.randint(0, len(COUNTS), (2, 12))
+    inputs = torch.randint(0, len(VOCAB), (2, 12))
+    targets = torch.randint(0, len(VOCAB), (2, 12))
     whole, _ = model.nll(inputs, targets, model.init_state(2))
     state, parts = model.init_state(2), []
     for start in range(0, 12, 5):
@@ -61,7 +61,7 @@ def test_chunked_scoring_with_carried_state_equals_scoring_the_whole_stream(name
 def test_test_perplexity_is_exp_mean_nll_of_every_token(tiny_ptb):
     corpus = load_corpus("ptb", tiny_ptb)
     torch.manual_seed(0)
-    model = REGISTRY["lstm"].module(corpus.vocab.counts, cell="lstm", hidden_size=8, embedding_size=8, layers=1)
+    model = REGISTRY["lstm"].module(corpus.vocab, cell="lstm", hidden_size=8, embedding_size=8, layers=1)
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     result = trainer.test(model, LanguageModelData(corpus, batch_size=2, bptt=3, eval_bptt=4), verbose=False)
     # By hand: one stream, the whole test split at once, first input the leading <eos>.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from bench.models.elman import ElmanLM
 from bench.models.ffnn import FeedForwardLM
+from bench.models.kneser_ney import KneserNeyLM
 from bench.models.recurrent import RecurrentLM
 
 
@@ -21,9 +22,11 @@ class ModelSpec:
     quick: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     task: str = "lm"  # "lm": scored by perplexity; "tagging": by F1
+    neural: bool = True  # trained by gradient, with an output layer and an optimizer
 
 
 REGISTRY: dict[str, ModelSpec] = {
+    "kn": ModelSpec(KneserNeyLM, defaults=dict(order=5, bptt=256, batch_size=1, max_epochs=1), neural=False),
     "ffnn": ModelSpec(
         FeedForwardLM,
         defaults=dict(order=5, embedding_size=60, hidden_size=200, activation="tanh", optimizer="sgd", lr=0.1,

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from bench.data import Vocabulary
 from bench.errors import BenchError
 from bench.models.output_layers import build_output_layer
 
@@ -34,15 +35,19 @@ def detach(state):
 class LanguageModel(pl.LightningModule):
     """Training and evaluation loop of every left-to-right language model."""
 
-    def __init__(self, counts: np.ndarray, output_size: int, *, output: str = "full", optimizer: str = "sgd",
+    def __init__(self, vocab: Vocabulary, output_size: int | None, *, output: str = "full", optimizer: str = "sgd",
                  lr: float = 0.1, **output_options):
         super().__init__()
-        self.save_hyperparameters(ignore=["counts"])
-        self.output = build_output_layer(output, output_size, counts, **output_options) if output_size else None
+        self.save_hyperparameters(ignore=["vocab"])
+        self.eos = vocab.eos
+        # output_size None: the model computes its probabilities itself (the n-gram model)
+        self.output = output_size and build_output_layer(output, output_size, vocab.counts, **output_options)
         self.keep_token_nll = False  # set by the harness when per-token scores are needed (NN+KN)
-        self.token_nll: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.token_nll: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._state = dict.fromkeys(STAGES)
         self._sums = {stage: [0.0, 0] for stage in STAGES}
+        # Exact (float64) perplexity of every scoring pass, per stage; self.log rounds to float32.
+        self.perplexities: dict[str, list[float]] = {stage: [] for stage in STAGES}
 
     def init_state(self, batch_size: int):
         raise NotImplementedError
@@ -61,18 +66,21 @@ class LanguageModel(pl.LightningModule):
         sums = self._sums[stage]
         sums[0] += nll.detach()[mask].double().sum().item()
         sums[1] += int(mask.sum())
-        if stage == "test" and self.keep_token_nll:
-            self.token_nll.append((nll.detach().double(), mask))
+        if self.keep_token_nll and stage != "train":
+            self.token_nll[stage].append((nll.detach().double(), mask))
         return nll[mask].mean()
 
     def _start(self, stage: str) -> None:
         self._state[stage] = None
         self._sums[stage] = [0.0, 0]
+        self.token_nll[stage] = []
 
     def _end(self, stage: str) -> None:
         total, count = self._sums[stage]
         if count:
-            self.log(f"{stage}_ppl", float(np.exp(total / count)), prog_bar=stage != "test")
+            perplexity = float(np.exp(total / count))
+            self.perplexities[stage].append(perplexity)
+            self.log(f"{stage}_ppl", perplexity, prog_bar=stage != "test")
 
     def training_step(self, batch, batch_idx):
         loss = self._step("train", batch)
@@ -100,15 +108,16 @@ class LanguageModel(pl.LightningModule):
 
     def on_test_epoch_start(self):
         self._start("test")
-        self.token_nll = []
 
     def on_test_epoch_end(self):
         self._end("test")
 
-    def test_token_nll(self) -> np.ndarray:
-        """-log p of every test token in corpus order (needs keep_token_nll during trainer.test)."""
-        nll = torch.cat([n for n, _ in self.token_nll], dim=1).reshape(-1)
-        mask = torch.cat([m for _, m in self.token_nll], dim=1).reshape(-1)
+    def scored_token_nll(self, stage: str) -> np.ndarray:
+        """-log p of every token of the last scored split ("val" or "test") in corpus order; needs
+        keep_token_nll while scoring. Chunks are columns of the B streams: join them, then read stream by
+        stream (see bench.data)."""
+        nll = torch.cat([n for n, _ in self.token_nll[stage]], dim=1).reshape(-1)
+        mask = torch.cat([m for _, m in self.token_nll[stage]], dim=1).reshape(-1)
         return nll[mask].cpu().numpy()
 
     def configure_optimizers(self):

@@ -14,20 +14,20 @@ Training (Mikolov et al. 2011, Table 2: "RNN trained by BP" vs "by BPTT"):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from bench.data import Vocabulary
 from bench.models.base import LanguageModel
 from bench.models.ffnn import ACTIVATIONS
 
 
 class ElmanLM(LanguageModel):
-    def __init__(self, counts: np.ndarray, backprop: str = "bptt", hidden_size: int = 200,
+    def __init__(self, vocab: Vocabulary, backprop: str = "bptt", hidden_size: int = 200,
                  activation: str = "sigmoid", **options):
-        super().__init__(counts, hidden_size, **options)
+        super().__init__(vocab, hidden_size, **options)
         self.backprop = backprop
-        self.input = nn.Embedding(len(counts), hidden_size)  # U, one column per word
+        self.input = nn.Embedding(len(vocab), hidden_size)  # U, one column per word
         self.recurrent = nn.Linear(hidden_size, hidden_size)  # W and b
         self.activation = ACTIVATIONS[activation]
 

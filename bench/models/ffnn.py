@@ -14,28 +14,27 @@ window slides across chunk boundaries exactly as over the whole text.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from bench.data import Vocabulary
 from bench.models.base import LanguageModel
 
 ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}
 
 
 class FeedForwardLM(LanguageModel):
-    def __init__(self, counts: np.ndarray, order: int = 5, embedding_size: int = 60, hidden_size: int = 200,
+    def __init__(self, vocab: Vocabulary, order: int = 5, embedding_size: int = 60, hidden_size: int = 200,
                  activation: str = "tanh", **options):
-        super().__init__(counts, hidden_size, **options)
+        super().__init__(vocab, hidden_size, **options)
         self.context = order - 1
-        self.embedding = nn.Embedding(len(counts), embedding_size)
+        self.embedding = nn.Embedding(len(vocab), embedding_size)
         self.hidden = nn.Linear(self.context * embedding_size, hidden_size)
         self.activation = ACTIVATIONS[activation]
 
     def init_state(self, batch_size: int) -> torch.Tensor:
-        # Words before the start of a stream: id 0 (the most frequent word) stands in for them; they only
-        # touch the first n-2 predictions, which already follow the stream's leading <eos>.
-        return torch.zeros((batch_size, self.context - 1), dtype=torch.long, device=self.device)
+        # Before the start of a stream: sentence ends, like the <eos> that leads every stream.
+        return torch.full((batch_size, self.context - 1), self.eos, dtype=torch.long, device=self.device)
 
     def forward(self, inputs: torch.Tensor, state: torch.Tensor):
         window = torch.cat([state, inputs], dim=1)  # (B, n-2+T)

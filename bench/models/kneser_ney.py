@@ -41,8 +41,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from bench.data import Vocabulary
 from bench.errors import BenchError
+from bench.models.base import LanguageModel
 
 _FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)
 
@@ -237,3 +240,43 @@ class KneserNey:
         ctx = [-1] * (k - len(ctx)) + ctx
         contexts = np.tile(np.asarray(ctx, dtype=np.int64), (self.vocab_size, 1)).reshape(self.vocab_size, k)
         return np.exp(self.log_prob(contexts, np.arange(self.vocab_size)))
+
+
+class KneserNeyLM(LanguageModel):
+    """The estimator as a Lightning module, so it runs, is timed and is recorded like every other model.
+
+    "Training" is one pass over the training stream with no gradient: the targets of every training chunk
+    are collected (chunk columns of the B streams give back the corpus in order, see bench.data) and the
+    counts are estimated on the epoch's last batch, before validation. The state carried across chunks
+    is the last order-1 words of each stream; -1 marks "before the stream", i.e. <s>.
+    """
+
+    def __init__(self, vocab: Vocabulary, order: int = 5):
+        super().__init__(vocab, None)
+        self.automatic_optimization = False
+        self.estimator = KneserNey(order, len(vocab), vocab.eos)
+        self._train_chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        return torch.full((batch_size, self.estimator.order - 1), -1, dtype=torch.long)
+
+    def nll(self, inputs: torch.Tensor, targets: torch.Tensor, state: torch.Tensor):
+        window = torch.cat([state, inputs], dim=1)
+        width = self.estimator.order - 1
+        contexts = window.unfold(1, width, 1)[:, 1:] if width else window.new_empty(*targets.shape, 0)
+        log_p = self.estimator.log_prob(contexts.reshape(-1, width).numpy(), targets.reshape(-1).numpy())
+        return torch.from_numpy(-log_p).view_as(targets), window[:, window.shape[1] - width:]
+
+    def training_step(self, batch, batch_idx):
+        self._train_chunks.append((batch[1], batch[2]))
+        if batch_idx == self.trainer.num_training_batches - 1:
+            targets = torch.cat([t for t, _ in self._train_chunks], dim=1).reshape(-1)
+            mask = torch.cat([m for _, m in self._train_chunks], dim=1).reshape(-1)
+            self.estimator.fit(targets[mask].numpy())
+            self._train_chunks = []
+
+    def on_train_epoch_end(self):
+        self.trainer.should_stop = True  # counting is done in one pass
+
+    def configure_optimizers(self):
+        return None

@@ -126,13 +126,11 @@ class ClassSoftmax(nn.Module):
             return nll
         tokens = tokens[torch.argsort(cls[tokens], stable=True)]
         present, tokens_per_class = torch.unique_consecutive(cls[tokens], return_counts=True)
-        starts = self.class_start[present]
-        class_sizes = self.class_start[present + 1] - starts
-        # The rows of all present classes, class after class, in one index_select: slicing the decoder
-        # per class would make backward add one |V| x H gradient per class instead of one in all.
-        offsets = torch.repeat_interleave(starts - (class_sizes.cumsum(0) - class_sizes), class_sizes)
-        rows = torch.arange(len(offsets), device=offsets.device) + offsets
-        split = class_sizes.tolist()
+        split = (self.class_start[present + 1] - self.class_start[present]).tolist()
+        # The rows of all present classes (class after class, as classes are contiguous) in one index_select:
+        # slicing the decoder per class would make backward add one |V| x H gradient per class, not one.
+        is_present = torch.zeros_like(self.class_start[1:], dtype=torch.bool).index_fill_(0, present, True)
+        rows = is_present[self.word_class].nonzero().squeeze(1)
         weights = self.word_decoder.weight.index_select(0, rows).split(split)
         biases = self.word_decoder.bias.index_select(0, rows).split(split)
         per_class = tokens_per_class.tolist()

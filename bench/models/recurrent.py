@@ -13,10 +13,10 @@ embedding -> dropout -> L stacked layers (dropout between them) -> dropout -> ou
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from bench.data import Vocabulary
 from bench.errors import BenchError
 from bench.models.base import LanguageModel
 from bench.models.output_layers import FullSoftmax
@@ -25,10 +25,10 @@ CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
 class RecurrentLM(LanguageModel):
-    def __init__(self, counts: np.ndarray, cell: str = "lstm", embedding_size: int = 200, hidden_size: int = 200,
+    def __init__(self, vocab: Vocabulary, cell: str = "lstm", embedding_size: int = 200, hidden_size: int = 200,
                  layers: int = 2, dropout: float = 0.0, tie_weights: bool = False, **options):
-        super().__init__(counts, hidden_size, **options)
-        self.embedding = nn.Embedding(len(counts), embedding_size)
+        super().__init__(vocab, hidden_size, **options)
+        self.embedding = nn.Embedding(len(vocab), embedding_size)
         self.rnn = CELLS[cell](embedding_size, hidden_size, num_layers=layers, batch_first=True,
                                dropout=dropout if layers > 1 else 0.0)
         self.drop = nn.Dropout(dropout)
