@@ -31,7 +31,7 @@ REGISTRY: dict[str, ModelSpec] = {
         FeedForwardLM,
         defaults=dict(order=5, embedding_size=60, hidden_size=200, activation="tanh", optimizer="sgd", lr=0.1,
                       bptt=32, batch_size=32),
-        quick=dict(hidden_size=128, embedding_size=32, lr=0.5, max_epochs=6),
+        quick=dict(hidden_size=128, embedding_size=32, lr=2.0, bptt=16, max_epochs=6),
     ),
     "rnn-bp": ModelSpec(
         ElmanLM,
