@@ -149,7 +149,11 @@ class SyntheticLanguage:
         syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
         taken = {w for ws in FUNCTION_WORDS.values() for w in ws}
         forms = {  # category kind -> (suffix for the first number / only form, suffix for plural)
-            "N": ("", "s"), "VT": ("s", ""), "VI": ("s", ""), "ADJ": ("",), "ADV": ("ly",),
+            "N": ("", "s"),
+            "VT": ("s", ""),
+            "VI": ("s", ""),
+            "ADJ": ("",),
+            "ADV": ("ly",),
         }
         classes = {"N": N_NOUN_CLASSES, "VT": N_TV_CLASSES, "VI": N_IV_CLASSES, "ADJ": N_NOUN_CLASSES, "ADV": 1}
         categories = dict(FUNCTION_WORDS)
@@ -205,7 +209,8 @@ class SyntheticLanguage:
 
     def _nouns(self, role, ctx, dn, pi):
         after = self._roles[role][1]
-        return [(pn * q, ("N", n, c), after(ctx, n, c)) for n, pn in NUM_GIVEN_DET[dn].items() for c, q in enumerate(pi)]
+        nums = NUM_GIVEN_DET[dn].items()
+        return [(pn * q, ("N", n, c), after(ctx, n, c)) for n, pn in nums for c, q in enumerate(pi)]
 
     def _sp(self, sn, sc):  # after the subject noun: PP, relative clause or VP
         pps = [(P["subj_pp"] * q, ("PREP", p), ("np0", "spp", (sn, sc, p))) for p, q in enumerate(self.p_prep)]
@@ -331,9 +336,7 @@ class SyntheticLanguage:
         return dist
 
 
-def write_corpus(
-    directory: pathlib.Path, seed: int = 0, sentences: tuple[int, int, int] = (8000, 800, 800)
-) -> None:
+def write_corpus(directory: pathlib.Path, seed: int = 0, sentences: tuple[int, int, int] = (8000, 800, 800)) -> None:
     """Write {train,valid,test}.txt (one sentence per line, no <eos>) and {split}.logprob.npy (the oracle's
     float64 natural-log probability of each line's words then its <eos>). Same seed, same bytes."""
     directory = pathlib.Path(directory)
