@@ -4,19 +4,20 @@ Every sequence model of the registry ends in one of these, chosen by the `output
 model can be combined with any output layer. Word ids are sorted by descending training frequency
 (see bench.data.Vocabulary), which the frequency-based layers rely on.
 
-    full:      p(w | h) = softmax(V h + b)_w                                  cost per token ~ |V|
-    class:     p(w | h) = softmax(W_c h + b_c)_c(w) * softmax_{v in c(w)}(W_v h + b_v)_w
-                                                                              cost per token ~ C + |c(w)|
-    adaptive:  p(w | h) = softmax(A h)_w                                      w in the shortlist
-               p(w | h) = softmax(A h)_i * softmax(T_i P_i h)_w               w in tail cluster i
-                                                                              cost per token ~ |shortlist| +
-                                                                              #clusters (+ |cluster i| H / d^i)
+    full:      p(w | h) = softmax(V h + b)_w                            cost per token ~ |V|
+    class:     p(w | h) = softmax(W_c h + b_c)_c(w)                     cost per token ~ C + |c(w)|
+                          * softmax_{v in c(w)}(W_v h + b_v)_w
+    adaptive:  p(w | h) = softmax(A h)_w         w in the shortlist     cost per token ~ |shortlist| + K
+               p(w | h) = softmax(A h)_i         w in tail cluster i      (+ (H + |cluster i|) / d^i
+                          * softmax(T_i P_i h)_w   (i = 1..K)              for a word of cluster i)
+
+Costs count multiply-adds of length H; d = div_value, and P_i projects H to H / d^i.
 
 `class` (Mikolov et al. 2011, the rnnlm toolkit) splits the vocabulary into C classes of contiguous word ids
 by unigram mass (`class_binning` "frequency": count / total, or "sqrt": sqrt(count) / sum sqrt(count)), so
-each class carries about 1/C of the mass; with C ~ sqrt(|V|) the cost drops from |V| to ~2 sqrt(|V|).
+each class carries about 1/C of that mass; with C ~ sqrt(|V|) the cost drops from |V| to ~2 sqrt(|V|).
 `adaptive` is torch.nn.AdaptiveLogSoftmaxWithLoss (Grave et al. 2017): a head over the `cutoffs[0]` most
-frequent words plus one entry per tail cluster, each cluster behind a projection to H / div_value^i.
+frequent words plus one entry per tail cluster; rare words pay more, but through a smaller projection.
 """
 
 from __future__ import annotations

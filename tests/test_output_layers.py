@@ -1,0 +1,160 @@
+"""Output layers: exact normalisation, forward == -log_probs[target], class binning, gradients, options."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.models.output_layers import OUTPUT_LAYERS, ClassSoftmax, bin_classes, build_output_layer
+
+H = 8
+COUNTS = np.array([40, 25, 13, 9, 7, 6, 5, 4, 3, 3, 2, 2, 1, 1, 1, 0, 0])  # sorted descending, zeros at the end
+V = len(COUNTS)
+
+LAYERS = {
+    "full": ("full", {}),
+    "class C=1": ("class", {"classes": 1}),
+    "class C=7": ("class", {"classes": 7}),
+    "class C=|V|": ("class", {"classes": V}),
+    "class C=7 sqrt": ("class", {"classes": 7, "class_binning": "sqrt"}),
+    "class default": ("class", {}),
+    "adaptive": ("adaptive", {"cutoffs": [3, 9], "div_value": 2.0}),
+    "adaptive default": ("adaptive", {}),
+}
+
+
+def make(name: str, seed: int = 0) -> torch.nn.Module:
+    kind, options = LAYERS[name]
+    torch.manual_seed(seed)
+    layer = build_output_layer(kind, H, COUNTS, **options).double()
+    with torch.no_grad():  # non-zero biases and larger weights, so the test is not about near-uniform outputs
+        for parameter in layer.parameters():
+            parameter.normal_(0.0, 1.0)
+    return layer
+
+
+def inputs(n: int = 23, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, H, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, V, (n,), generator=generator)
+    return hidden, target
+
+
+def test_every_layer_is_listed():
+    assert set(OUTPUT_LAYERS) == {"full", "class", "adaptive"}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_log_probs_normalised(name):
+    hidden, _ = inputs()
+    log_probs = make(name).log_probs(hidden)
+    assert log_probs.shape == (len(hidden), V)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(len(hidden), dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_forward_is_minus_log_prob_of_target(name):
+    hidden, target = inputs()
+    layer = make(name)
+    nll = layer(hidden, target)
+    assert nll.shape == target.shape
+    torch.testing.assert_close(nll, -layer.log_probs(hidden)[torch.arange(len(target)), target],
+                               rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_forward_float32(name):
+    hidden, target = inputs()
+    layer = make(name).float()
+    nll = layer(hidden.float(), target)
+    assert nll.dtype == torch.float32 and torch.isfinite(nll).all() and (nll >= 0).all()
+    torch.testing.assert_close(layer.log_probs(hidden.float()).exp().sum(-1), torch.ones(len(hidden)),
+                               rtol=0, atol=1e-5)
+
+
+def test_class_with_one_class_is_the_full_softmax():
+    full, single = make("full"), make("class C=1", seed=5)
+    with torch.no_grad():
+        single.word_decoder.weight.copy_(full.decoder.weight)
+        single.word_decoder.bias.copy_(full.decoder.bias)
+    hidden, target = inputs()
+    torch.testing.assert_close(single(hidden, target), full(hidden, target), rtol=0, atol=1e-12)
+    torch.testing.assert_close(single.log_probs(hidden), full.log_probs(hidden), rtol=0, atol=1e-12)
+
+
+def test_class_binning_by_hand():
+    counts = np.array([50, 20, 10, 10, 5, 5])
+    # cumulative mass .5 .7 .8 .9 .95 1: "the" passes 1/3, the next word passes 2/3, the rest fill class 2
+    assert bin_classes(counts, 3).tolist() == [0, 1, 2, 2, 2, 2]
+    # sqrt mass, cumulative .32 .52 .66 .80 .90 1: thresholds 1/3 and 2/3 are passed by words 1 and 3
+    assert bin_classes(counts, 3, "sqrt").tolist() == [0, 0, 1, 1, 2, 2]
+    assert bin_classes(counts, 1).tolist() == [0] * 6
+    assert bin_classes(counts, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    # a heavy word passes several thresholds; the next words then close one class each
+    assert bin_classes(np.array([90, 3, 3, 2, 2]), 4).tolist() == [0, 1, 2, 3, 3]
+    # cumulative .25 .5 .75 1 never exceeds the next threshold before the words run out: the walk gives
+    # [0, 0, 1, 2], and the fourth class comes from halving the largest
+    assert bin_classes(np.ones(4), 4).tolist() == [0, 1, 2, 3]
+    # zero counts carry no mass but still get a class
+    assert bin_classes(np.zeros(5), 3).tolist() == [0, 0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("binning", ["frequency", "sqrt"])
+@pytest.mark.parametrize("classes", [1, 2, 5, 7, 16, 17])
+def test_class_assignment_covers_every_word_once(classes, binning):
+    layer = ClassSoftmax(H, COUNTS, classes, binning)
+    word_class, word_pos, class_start = layer.word_class, layer.word_pos, layer.class_start
+    assert torch.equal(word_class, torch.from_numpy(bin_classes(COUNTS, classes, binning)))
+    assert torch.equal(layer.word_class, ClassSoftmax(H, COUNTS, classes, binning).word_class)
+    assert class_start[0] == 0 and class_start[-1] == V and len(class_start) == classes + 1
+    assert (class_start.diff() > 0).all()  # exactly C classes, none empty
+    # word w is row class_start[c(w)] + pos(w): each row, i.e. each word, exactly once
+    assert sorted((class_start[word_class] + word_pos).tolist()) == list(range(V))
+    assert set(layer.state_dict()) >= {"word_class", "word_pos", "class_start"}
+
+
+def test_class_frequency_binning_balances_mass():
+    counts = np.floor(1e6 / np.arange(1, 10_001)).astype(np.int64)  # Zipf
+    word_class = bin_classes(counts, 100)
+    mass = np.bincount(word_class, weights=counts) / counts.sum()
+    assert len(mass) == 100 and (np.diff(word_class) >= 0).all()
+    assert np.bincount(word_class)[0] == 1 and np.bincount(word_class)[-1] > 500  # head alone, tail big
+    assert mass[5:].max() < 2 / 100
+
+
+@pytest.mark.parametrize("name", ["class C=7", "class C=7 sqrt", "class C=|V|", "adaptive"])
+def test_gradcheck(name):
+    kind, options = LAYERS[name]
+    torch.manual_seed(0)
+    layer = build_output_layer(kind, 3, COUNTS, **options).double()  # H = 3 keeps the Jacobian small
+    hidden = torch.randn(V, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.arange(V)  # every word once: every class, every adaptive cluster
+    parameters = tuple(layer.parameters())
+
+    def nll(hidden, *values):
+        return torch.func.functional_call(layer, dict(zip(dict(layer.named_parameters()), values)),
+                                          (hidden, target))
+
+    assert torch.autograd.gradcheck(nll, (hidden, *(p.detach().requires_grad_() for p in parameters)))
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("class", {"classes": 0}, "classes must be between 1 and |V|=17, got 0"),
+    ("class", {"classes": V + 1}, "classes must be between 1 and |V|=17, got 18"),
+    ("class", {"classes": 2.5}, "classes must be between"),
+    ("class", {"class_binning": "log"}, "class_binning must be one of frequency, sqrt"),
+    ("adaptive", {"cutoffs": [5, 5]}, "cutoffs must be increasing and below |V|=17, got [5, 5]"),
+    ("adaptive", {"cutoffs": [8, 4]}, "cutoffs must be increasing"),
+    ("adaptive", {"cutoffs": [4, V]}, "cutoffs must be increasing and below |V|=17, got [4, 17]"),
+    ("adaptive", {"cutoffs": [0, 4]}, "cutoffs must be increasing"),
+    ("adaptive", {"cutoffs": []}, "cutoffs must be increasing"),
+    ("adaptive", {"div_value": 0}, "div_value must be a positive number"),
+    ("full", {"classes": 3}, "unknown option(s) classes for output layer 'full'"),
+    ("class", {"cutoffs": [3]}, "unknown option(s) cutoffs for output layer 'class'"),
+    ("hierarchical", {}, "unknown output layer 'hierarchical'"),
+])
+def test_bad_options(kind, options, message):
+    with pytest.raises(BenchError) as error:
+        build_output_layer(kind, H, COUNTS, **options)
+    assert message in str(error.value) and "\n" not in str(error.value)
