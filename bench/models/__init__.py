@@ -35,13 +35,13 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "rnn-bp": ModelSpec(
         ElmanLM,
-        defaults=dict(hidden_size=200, activation="sigmoid", optimizer="sgd", lr=1.0, bptt=5, batch_size=32),
+        defaults=dict(hidden_size=200, activation="sigmoid", optimizer="sgd", lr=10.0, bptt=5, batch_size=32, clip=5.0),
         quick=dict(hidden_size=128, max_epochs=6),
         fixed=dict(backprop="bp"),
     ),
     "rnn-bptt": ModelSpec(
         ElmanLM,
-        defaults=dict(hidden_size=200, activation="sigmoid", optimizer="sgd", lr=1.0, bptt=5, batch_size=32),
+        defaults=dict(hidden_size=200, activation="sigmoid", optimizer="sgd", lr=10.0, bptt=5, batch_size=32, clip=5.0),
         quick=dict(hidden_size=128, max_epochs=6),
         fixed=dict(backprop="bptt"),
     ),
