@@ -132,4 +132,6 @@ class LanguageModel(pl.LightningModule):
             raise BenchError(f"unknown optimizer {self.hparams.optimizer!r}: choose sgd or adam")
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=0,
                                                                threshold=0.003)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl"}}
+        # strict=False: an epoch cut short by max_time has no val_ppl to step on
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "strict": False}}
