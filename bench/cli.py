@@ -46,6 +46,14 @@ def build_parser() -> Parser:
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
     run.add_argument("--models", nargs="+", help="only these models (default: all)")
     common_options(run)
+
+    report = commands.add_parser("report", help="tables, plots, Markdown/HTML/CSV and a W&B report of the results")
+    report.add_argument("--storage", help="Optuna storage URL of the results database (default: sqlite:///bench.db)")
+    report.add_argument("--study", nargs="+", action="extend", dest="studies", metavar="NAME",
+                        help="only these studies (default: every study in the storage)")
+    report.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
+    report.add_argument("--project", help="W&B project (default: $WANDB_PROJECT, else bench)")
+    report.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
     return parser
 
 
@@ -81,7 +89,15 @@ def command_run(args) -> None:
     print(to_text(leaderboard(records)))
 
 
-COMMANDS = {"train": command_train, "run": command_run}
+def command_report(args) -> None:
+    from pathlib import Path
+
+    from bench.reports import make_report
+
+    make_report(args.storage, args.studies, Path(args.out), args.project, use_wandb=not args.no_wandb)
+
+
+COMMANDS = {"train": command_train, "run": command_run, "report": command_report}
 
 
 def quiet_libraries() -> None:

@@ -7,6 +7,7 @@ import pandas as pd
 COLUMNS = {
     "model": "model",
     "output": "output",
+    "classes": "classes",
     "corpus": "corpus",
     "parameters": "params",
     "valid_ppl": "valid ppl",
@@ -21,12 +22,42 @@ COLUMNS = {
 }
 
 
+# Tagger records (scored by F1 rather than perplexity) have their own table.
+TAGGER_COLUMNS = {
+    "model": "model",
+    "corpus": "corpus",
+    "parameters": "params",
+    "valid_f1": "valid F1",
+    "test_f1": "test F1",
+    "test_precision": "test precision",
+    "test_recall": "test recall",
+    "tokens_per_second": "train tokens/s",
+    "minutes_per_epoch": "min/epoch",
+    "test_seconds": "test s",
+    "peak_memory_mb": "peak MB",
+}
+
+
+def _table(records: list[dict], columns: dict) -> pd.DataFrame:
+    rows = []
+    for record in records:
+        config = record.get("config") or {}
+        classes = config.get("classes") if config.get("output") == "class" else None
+        rows.append({**record, "output": config.get("output", ""), "classes": "" if classes is None else str(classes)})
+    frame = pd.DataFrame(rows).reindex(columns=list(columns)).rename(columns=columns)
+    empty = [column for column in frame if (frame[column] == "").all()]  # e.g. classes without a class layer
+    return frame.drop(columns=empty).dropna(axis=1, how="all")
+
+
 def leaderboard(records: list[dict]) -> pd.DataFrame:
     """Language-model records as a table, columns in COLUMNS order (absent figures left empty)."""
-    rows = [{**record, "output": record.get("config", {}).get("output", "")} for record in records]
-    frame = pd.DataFrame(rows).reindex(columns=list(COLUMNS)).rename(columns=COLUMNS)
-    return frame.dropna(axis=1, how="all")
+    return _table(records, COLUMNS)
+
+
+def tagger_table(records: list[dict]) -> pd.DataFrame:
+    """Tagger records (`test_f1`) as a table, columns in TAGGER_COLUMNS order."""
+    return _table(records, TAGGER_COLUMNS)
 
 
 def to_text(frame: pd.DataFrame) -> str:
-    return frame.to_string(index=False, float_format=lambda x: f"{x:,.2f}" if abs(x) < 1e5 else f"{x:,.0f}")
+    return frame.to_string(index=False, na_rep="", float_format=lambda x: f"{x:,.2f}" if abs(x) < 1e5 else f"{x:,.0f}")

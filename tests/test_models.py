@@ -12,7 +12,8 @@ VOCAB = Vocabulary(words=["<eos>", *"abcdefg"], counts=np.array([50, 30, 20, 10,
 
 
 def build(name: str, **overrides):
-    config = make_config(name, {"hidden_size": 16, **overrides})
+    sizes = {"hidden_size": 16} if REGISTRY[name].neural else {}
+    config = make_config(name, {**sizes, **overrides})
     return REGISTRY[name].module(VOCAB, **model_arguments(config))
 
 

@@ -1,0 +1,182 @@
+import math
+import re
+import shutil
+import subprocess
+
+import optuna
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from bench.reports import (
+    best_per_configuration,
+    build_wandb_report,
+    load_runs,
+    make_report,
+    pareto_front,
+    table2,
+    table3,
+)
+from bench.store import open_storage, save_record
+
+
+def record(model, corpus="synthetic", valid=100.0, test=110.0, output="full", classes=None, **extra):
+    config = {"model": model, "corpus": corpus, "output": output, **({"classes": classes} if classes else {})}
+    return {"model": model, "corpus": corpus, "valid_ppl": valid, "test_ppl": test, "tokens_per_second": 1000.0,
+            "minutes_per_epoch": 0.5, "test_seconds": 2.0, "parameters": 12345, "peak_memory_mb": 300.0,
+            "valid_ppl_per_epoch": [valid * 1.5, valid], "oracle_ppl": 50.0 if corpus == "synthetic" else None,
+            "device": "cpu", "git_commit": "abcdef1234567890", "versions": {"torch": "2.13.0"}, "config": config,
+            **extra}
+
+
+@pytest.fixture
+def storage_url(tmp_path):
+    """Known trials: searched configurations (the best on validation must win), a failed trial, a tagger."""
+    url = f"sqlite:///{tmp_path}/results.db"
+    storage = open_storage(url)
+    save_record(record("lstm", valid=120, test=125, tokens_per_second=2000.0), storage, "run-synthetic")
+    save_record(record("lstm", valid=110, test=115, tokens_per_second=2000.0), storage, "run-synthetic")
+    save_record(record("kn", valid=150, test=155, tokens_per_second=50000.0), storage, "run-synthetic")
+    save_record(record("gru", valid=112, test=118, nn_kn_test_ppl=105.0), storage, "run-synthetic")
+    optuna.load_study(study_name="run-synthetic", storage=storage).add_trial(
+        optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    # same configuration in another study: best test perplexity, but worse on validation -> not kept
+    save_record(record("lstm", valid=115, test=100), storage, "sweep-lstm")
+    save_record(record("rnn-bptt", "ptb", valid=140, test=137, output="class", classes=100, minutes_per_epoch=2.0),
+                storage, "train-rnn-bptt-ptb")
+    save_record(record("rnn-bptt", "ptb", valid=150, test=120, output="class", classes=100), storage,
+                "train-rnn-bptt-ptb")
+    save_record(record("rnn-bptt", "ptb", valid=128, test=130, nn_kn_test_ppl=110.0, test_seconds=5.0), storage,
+                "train-rnn-bptt-ptb")
+    tagger = {"model": "birnn", "corpus": "conll2000", "parameters": 999, "device": "cpu", "config": {}}
+    save_record({**tagger, "valid_f1": 0.91, "test_f1": 0.90, "test_precision": 0.92, "test_recall": 0.88}, storage,
+                "train-birnn-conll2000", metric="valid_f1")
+    save_record({**tagger, "valid_f1": 0.85, "test_f1": 0.95, "test_precision": 0.95, "test_recall": 0.95}, storage,
+                "train-birnn-conll2000", metric="valid_f1")
+    optuna.create_study(study_name="empty", storage=storage)
+    return url
+
+
+def test_best_run_per_configuration_is_chosen_on_validation(storage_url):
+    runs = load_runs(storage_url)
+    assert len(runs) == 10  # every COMPLETE trial, the failed one left out
+    best = best_per_configuration(runs)
+    kept = {(r.model, r.corpus, r.output, None if pd.isna(r.classes) else int(r.classes)): r.test_ppl
+            for r in best[best["task"] == "lm"].itertuples()}
+    assert kept == {("gru", "synthetic", "full", None): 118, ("kn", "synthetic", "full", None): 155,
+                    ("lstm", "synthetic", "full", None): 115, ("rnn-bptt", "ptb", "class", 100): 137,
+                    ("rnn-bptt", "ptb", "full", None): 130}
+    tagger = best[best["task"] == "tagging"]
+    assert tagger["test_f1"].tolist() == [0.90]  # valid F1 0.91 beats 0.85, whatever the test F1
+    assert set(best_per_configuration(load_runs(storage_url, ["train-rnn-bptt-ptb"]))["corpus"]) == {"ptb"}
+
+
+def test_table2_lines_up_with_the_paper(storage_url):
+    table = table2(best_per_configuration(load_runs(storage_url))).set_index("model")
+    assert list(table.index) == ["KN5", "feed-forward", "RNN-BP", "RNN-BPTT", "GRU", "LSTM"]
+    assert list(table.columns) == ["ptb NN", "ptb paper NN", "ptb diff NN", "ptb NN+KN", "ptb paper NN+KN",
+                                   "ptb diff NN+KN", "synthetic NN", "synthetic NN+KN"]
+    bptt = table.loc["RNN-BPTT"]
+    assert (bptt["ptb NN"], bptt["ptb paper NN"], bptt["ptb diff NN"]) == (130, 123, 7)
+    assert (bptt["ptb NN+KN"], bptt["ptb paper NN+KN"], bptt["ptb diff NN+KN"]) == (110, 106, 4)
+    assert table.loc["KN5", "ptb paper NN"] == 141.2 and math.isnan(table.loc["KN5", "ptb NN"])
+    assert table.loc["LSTM", "ptb paper NN"] == 114.5
+    assert table.loc["LSTM", "synthetic NN"] == 115 and table.loc["GRU", "synthetic NN+KN"] == 105
+    assert table[["synthetic NN"]].notna().sum().item() == 3  # kn, gru, lstm ran on synthetic
+    assert "1 run · commit abcdef1234 (1) · device cpu (1)" in table2(best_per_configuration(
+        load_runs(storage_url, ["train-rnn-bptt-ptb"]))).attrs["provenance"]
+
+
+def test_table3_classes_against_the_paper(storage_url):
+    table = table3(best_per_configuration(load_runs(storage_url)))
+    assert table["classes"].tolist() == ["100", "full"]
+    assert table["test ppl"].tolist() == [137, 130]
+    assert table["paper test ppl"].tolist() == [136, 123] and table["diff test ppl"].tolist() == [1, 7]
+    assert table["paper min/epoch"].tolist() == [9.1, 154] and table["paper test s"].tolist() == [5.6, 212]
+    assert table["diff test s"].tolist() == pytest.approx([2.0 - 5.6, 5.0 - 212])
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    speed = [100, 200, 300, 300, 50, 400]
+    perplexity = [90, 100, 95, 120, 80, 130]
+    assert pareto_front(speed, perplexity).tolist() == [True, False, True, False, True, True]
+
+
+def test_report_files(storage_url, tmp_path, capsys):
+    out = tmp_path / "report"
+    tables = make_report(storage_url, None, out, use_wandb=False)
+    assert set(tables) == {"leaderboard", "taggers", "table2", "table3"}
+    for name in ("README.md", "index.html", "leaderboard.csv", "taggers.csv", "table2.csv", "table3.csv",
+                 "speed.png", "classes.png", "epochs.png"):
+        assert (out / name).stat().st_size > 0, name
+    board = pd.read_csv(out / "leaderboard.csv", comment="#")
+    assert board["test ppl (NN)"].tolist() == [130, 137, 115, 118, 155]  # by corpus, then perplexity
+    assert board["oracle ppl"].isna().tolist() == [True, True, False, False, False]
+    assert pd.read_csv(out / "taggers.csv", comment="#")["test F1"].tolist() == [0.90]
+    readme = (out / "README.md").read_text()
+    assert "| RNN-BPTT | 130.00 | 123.00 | +7.00 | 110.00 | 106.00 | +4.00 |" in readme
+    assert "runs: 1 runs" not in readme and "commit abcdef1234" in readme and "![" in readme
+    first_lines = (out / "table3.csv").read_text().splitlines()[:3]
+    assert first_lines[1].startswith("# runs: 2 runs · commit abcdef1234 (2) · device cpu (2) · torch 2.13.0")
+    assert first_lines[2].startswith("# report generated ")
+    assert "report of 6 configurations written to" in capsys.readouterr().out
+    taggers_only = make_report(storage_url, ["train-birnn-conll2000"], out, use_wandb=False)
+    assert set(taggers_only) == {"taggers"} and not (out / "table2.csv").exists()  # the old files are gone
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed (apt-get install -y chromium)")
+def test_html_loads_in_headless_chromium_without_errors(storage_url, tmp_path):
+    out = tmp_path / "report"
+    make_report(storage_url, None, out, use_wandb=False)
+    page = (out / "index.html").read_text()
+    # a copy that clicks the leaderboard's "test ppl (NN)" header twice (descending) and notes the model order
+    click = ("<script>const th = [...document.querySelectorAll('table.report')[0].tHead.rows[0].cells]"
+             ".find(c => c.textContent === 'test ppl (NN)'); th.click(); th.click();"
+             "document.body.dataset.order = [...document.querySelectorAll('table.report')[0].tBodies[0].rows]"
+             ".map(r => r.cells[0].textContent).join(' ');</script></body>")
+    (out / "clicked.html").write_text(page.replace("</body>", click))
+    for name in ("index.html", "clicked.html"):
+        done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                               "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                               (out / name).as_uri()], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Uncaught" not in done.stderr and "SyntaxError" not in done.stderr
+        assert len(re.findall(r'<table class="[^"]*\bsortable\b', done.stdout)) == 4  # the sort script ran
+        assert done.stdout.count("data:image/png;base64,") == 3
+    assert 'data-order="kn rnn-bptt rnn-bptt gru lstm"' in done.stdout  # 155, 137, 130, 118, 115
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--study", "empty"], "no completed runs in empty"),
+    (["--study", "nosuch"], "no study 'nosuch' in sqlite:///"),
+])
+def test_empty_or_missing_study_exits_2_with_one_line(storage_url, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["report", "--storage", storage_url, "--out", str(out), "--no-wandb", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    missing = tmp_path / "missing.db"
+    assert main(["report", "--storage", f"sqlite:///{missing}", "--out", str(out)]) == 2
+    assert "no results database at" in capsys.readouterr().err and not missing.exists()
+
+
+def test_wandb_offline_logs_the_tables_and_defers_the_report(storage_url, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["report", "--storage", storage_url, "--out", "out", "--study", "train-rnn-bptt-ptb"]) == 0
+    printed = capsys.readouterr().out
+    assert "the W&B Report will be created on the next online `bench report`" in printed
+    assert "W&B logging failed" not in printed
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_wandb_report_holds_the_tables_and_the_speed_scatter():
+    pytest.importorskip("wandb_workspaces", reason="the `reports` extra (wandb-workspaces) is not installed")
+    report = build_wandb_report("bench", "someone", "abc123", ["leaderboard", "table2"], "studies: run-synthetic")
+    grid = report.blocks[-1]
+    assert grid.runsets[0].project == "bench" and "abc123" in str(grid.runsets[0].filters)
+    assert [type(p).__name__ for p in grid.panels] == ["CustomChart", "WeavePanelSummaryTable",
+                                                       "WeavePanelSummaryTable"]
+    assert grid.panels[0].chart_fields == {"x": "train tokens/s", "y": "test ppl (NN)"}
+    assert [p.table_name for p in grid.panels[1:]] == ["leaderboard", "table2"]
