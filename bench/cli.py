@@ -44,7 +44,7 @@ def build_parser() -> Parser:
 
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
-    run.add_argument("--models", nargs="+", help="only these models (default: all)")
+    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus)")
     common_options(run)
 
     report = commands.add_parser("report", help="tables, plots, Markdown/HTML/CSV and a W&B report of the results")
@@ -60,33 +60,36 @@ def build_parser() -> Parser:
 def command_train(args) -> None:
     from bench.config import make_config, parse_assignments
     from bench.harness import run_experiment
+    from bench.models import REGISTRY
     from bench.store import open_storage, save_record
-    from bench.tables import leaderboard, to_text
+    from bench.tables import print_tables
 
     config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
     storage = open_storage(args.storage)
     record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
-    save_record(record, storage, f"train-{args.model}-{args.corpus}")
-    print(to_text(leaderboard([record])))
+    save_record(record, storage, f"train-{args.model}-{args.corpus}", REGISTRY[args.model].metric)
+    print_tables([record])
 
 
 def command_run(args) -> None:
-    from bench.config import make_config
+    from bench.config import TASK_CORPORA, make_config
     from bench.harness import run_experiment
     from bench.models import REGISTRY
     from bench.store import open_storage, save_record
-    from bench.tables import leaderboard, to_text
+    from bench.tables import print_tables
 
-    models = args.models or list(REGISTRY)
+    models = args.models or [m for m in REGISTRY if args.corpus in TASK_CORPORA[REGISTRY[m].task]]
     configs = [make_config(model, {"corpus": args.corpus}, quick=True) for model in models]
     storage = open_storage(args.storage)
     records = []
     for number, config in enumerate(configs, 1):
         print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}", flush=True)
         record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
-        save_record(record, storage, f"run-{args.corpus}")
+        spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
+        study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
+        save_record(record, storage, study, spec.metric)
         records.append(record)
-    print(to_text(leaderboard(records)))
+    print_tables(records)
 
 
 def command_report(args) -> None:
