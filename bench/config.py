@@ -53,7 +53,7 @@ HARNESS = {
     "max_epochs": Param(int, 1, 10_000, help="epoch budget"),
     "max_minutes": Param(float, 0.01, 1e6, help="wall-clock training budget in minutes"),
     "clip": Param(float, 0.0, 1e9, help="gradient-norm clipping (0: off)"),
-    "patience": Param(int, 0, 1000, help="epochs without improvement before stopping (after the LR halving)"),
+    "patience": Param(int, 0, 1000, help="epochs without improvement, after the LR-halving one, before stopping"),
     "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
 }
 # Settings of the models; each model accepts those its registry entry sets, plus the shared ones.

@@ -137,7 +137,9 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as checkpoint_dir:
         checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor=model.MONITOR, mode=model.MODE,
                                      save_weights_only=True)
-        stopping = EarlyStopping(monitor=model.MONITOR, mode=model.MODE, patience=config["patience"],
+        # The first epoch without improvement halves the learning rate (the module's scheduler); training
+        # stops after `patience` more, so the halved rate is always tried (Mikolov's schedule).
+        stopping = EarlyStopping(monitor=model.MONITOR, mode=model.MODE, patience=config["patience"] + 1,
                                  check_finite=True)
         trainer = build_trainer(config, [speed, checkpoint, stopping, *callbacks], logger, progress, checkpoint_dir)
         trainer.fit(model, datamodule=data)
