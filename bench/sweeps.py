@@ -326,6 +326,7 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     cached_corpus(spec.corpus, data_dir)  # a missing corpus fails here, before the study is touched
     storage = open_storage(storage_url, heartbeat=True)
     study = open_study(spec, storage)
+    optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
     recovered = recover_dead_trials(study, storage)
     if recovered:
         print(f"trials {', '.join(map(str, recovered))}: their worker is gone; failed and requeued", flush=True)
