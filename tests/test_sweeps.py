@@ -22,7 +22,7 @@ from bench.models import REGISTRY
 from bench.reports import load_runs
 from bench.store import SUMMARY_KEYS, open_storage
 from bench.sweep_spec import load_spec
-from bench.sweeps import run_sweep, wandb_mode
+from bench.sweeps import Objective, places_taken, run_sweep, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -236,6 +236,21 @@ trials: 2
     assert trials[1].params == killed[0].params and trials[1].system_attrs["failed_trial"] == 0
     assert main(sweep_command(spec, storage)[3:]) == 0
     assert "2 of 2 trials held, 0 to run" in capsys.readouterr().out
+
+
+def test_a_trial_started_after_the_study_is_full_is_surplus_and_stops_its_worker(tmp_path):
+    """The race of two workers for the last place: the later-numbered trial runs nothing and holds no place."""
+    spec = load_spec(write_spec(tmp_path, TINY + "search: {lr: [1.0]}\ntrials: 3\n"))
+    study = optuna.create_study()
+    for value in (1.0, 2.0):
+        study.add_trial(optuna.create_trial(value=value, user_attrs={"record": {}}))
+    last_place = study.ask()  # another worker's trial took the third and last place
+    study.optimize(Objective(spec, total=3, data_dir=None, wandb_mode="disabled", progress=False), n_trials=3,
+                   catch=(Exception,))
+    surplus = study.trials[-1]
+    assert len(study.trials) == 4 and last_place.number == 2 and surplus.number == 3  # it stopped its worker
+    assert surplus.state == TrialState.FAIL and "surplus" in surplus.user_attrs and not surplus.params
+    assert places_taken(study) == 3  # two complete, one running; the surplus trial holds none
 
 
 def postgres_url() -> str:
