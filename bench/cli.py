@@ -52,8 +52,9 @@ def build_parser() -> Parser:
     sweep.add_argument("spec", help="the sweep spec, e.g. sweeps/rnn-bptt-synthetic.yaml")
     sweep.add_argument("--trials", type=int, help="trials the study holds in total, not more (default: the spec's)")
     sweep.add_argument("--storage", help="Optuna storage URL (default: sqlite:///bench.db, the results database); "
-                                         "journal:PATH for several processes on one machine, postgresql://... "
-                                         "for several machines (start the same command on each)")
+                                         "journal:PATH for several processes on one machine, "
+                                         "postgresql+psycopg://USER:PASSWORD@HOST/DB for several machines (start "
+                                         "the same command on each)")
     sweep.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine (default: 1)")
     sweep.add_argument("--no-wandb", action="store_true", help="log nothing to W&B (also: WANDB_MODE=disabled); "
                                                                "without a W&B login runs are kept offline")
