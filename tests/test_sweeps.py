@@ -180,8 +180,9 @@ pruner: {type: median, n_startup_trials: 1}
     (TINY + "search: {lr: [1.0]}\ntrials: 0\n", "line 7, trials: must be a positive integer"),
     (TINY + "search: {lr: [1.0]}\nbudget: {epochs: 2}\n", "line 7, budget: given twice"),
     (TINY + "search: {lr: [1.0]}\nmetric: test_ppl\n", "line 7, metric: choose one of valid_ppl"),
+    (TINY.replace("corpus: synthetic", "corpus: ptbx") + "search: {lr: [1.0]}\n", "line 3, corpus: corpus must be"),
 ], ids=["unknown-key", "bad-range", "unknown-model", "bad-yaml", "unknown-parameter", "bad-combination",
-        "zero-trials", "duplicate-key", "test-metric"])
+        "zero-trials", "duplicate-key", "test-metric", "unknown-corpus"])
 def test_malformed_spec_exits_2_naming_key_and_line_and_writes_nothing(tmp_path, capsys, text, message):
     spec = write_spec(tmp_path, text)
     assert main(["sweep", str(spec), "--storage", f"sqlite:///{tmp_path}/results.db"]) == 2
