@@ -1,4 +1,4 @@
-"""The `bench` command: a thin layer over the harness, the store and (later) sweeps and reports.
+"""The `bench` command: a thin layer over the harness, the store, sweeps and reports.
 
 Mistakes a user can make end with exit code 2 and one line on stderr.
 """
@@ -46,6 +46,21 @@ def build_parser() -> Parser:
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
     run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus)")
     common_options(run)
+
+    sweep = commands.add_parser("sweep", help="an Optuna study over a spec (sweeps/*.yaml): trials stored as runs, "
+                                              "one W&B run each; re-running resumes it")
+    sweep.add_argument("spec", help="the sweep spec, e.g. sweeps/rnn-bptt-synthetic.yaml")
+    sweep.add_argument("--trials", type=int, help="trials the study holds in total, not more (default: the spec's)")
+    sweep.add_argument("--storage", help="Optuna storage URL (default: sqlite:///bench.db, the results database); "
+                                         "journal:PATH for several processes on one machine, "
+                                         "postgresql+psycopg://USER:PASSWORD@HOST/DB for several machines (start "
+                                         "the same command on each)")
+    sweep.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine (default: 1)")
+    sweep.add_argument("--no-wandb", action="store_true", help="log nothing to W&B (also: WANDB_MODE=disabled); "
+                                                               "without a W&B login runs are kept offline")
+    sweep.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else a per-user "
+                                          "cache folder)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     report = commands.add_parser("report", help="tables, plots, Markdown/HTML/CSV and a W&B report of the results")
     report.add_argument("--storage", help="Optuna storage URL of the results database (default: sqlite:///bench.db)")
@@ -100,7 +115,16 @@ def command_report(args) -> None:
     make_report(args.storage, args.studies, Path(args.out), args.project, use_wandb=not args.no_wandb)
 
 
-COMMANDS = {"train": command_train, "run": command_run, "report": command_report}
+def command_sweep(args) -> None:
+    from bench.sweep_spec import load_spec
+    from bench.sweeps import run_sweep
+
+    table = run_sweep(load_spec(args.spec), args.trials, args.storage, args.n_jobs, args.data_dir,
+                      use_wandb=not args.no_wandb, progress=not args.no_progress, worker_init=quiet_libraries)
+    print(table.to_string(index=False, na_rep="", float_format="{:.4g}".format))
+
+
+COMMANDS = {"train": command_train, "run": command_run, "sweep": command_sweep, "report": command_report}
 
 
 def quiet_libraries() -> None:
