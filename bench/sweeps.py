@@ -45,7 +45,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from bench.errors import BenchError
-from bench.harness import cached_corpus, run_experiment
+from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
 from bench.store import DEFAULT_STORAGE, open_storage, plain, record_attributes, redact
 from bench.sweep_spec import SweepSpec
 
@@ -323,8 +323,8 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     if spec.grid_size is not None and total > spec.grid_size:
         raise BenchError(f"--trials {total}: the grid of {spec.path} has {spec.grid_size} points")
     data_dir = str(data_dir) if data_dir else None
-    if spec.task == "lm":  # a missing corpus fails here, before the study is touched
-        cached_corpus(spec.corpus, data_dir)
+    # a missing corpus fails here, before the study is touched
+    (cached_tagged_corpus if spec.task == "tagging" else cached_corpus)(spec.corpus, data_dir)
     storage = open_storage(storage_url, heartbeat=True)
     study = open_study(spec, storage)
     optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
