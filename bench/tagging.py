@@ -12,8 +12,8 @@ local files, the Hub as the online fallback.
                 only on the head noun at the end of the phrase and "the", "my", ... fit either, so tagging a
                 phrase's first words needs the words to its right: a left-to-right tagger must guess.
 
-Words: the vocabulary is the training words by descending frequency after `<pad>` (id 0) and `<unk>`
-(id 1); unseen words map to `<unk>`. Tags: `O` first, then the other tags of all splits, sorted.
+Words: the vocabulary is the training words seen at least twice, by descending frequency, after `<pad>`
+(id 0) and `<unk>` (id 1); other words map to `<unk>`. Tags: `O` first, then the other tags of all splits, sorted.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ SPLITS = ("train", "valid", "test")
 TAG = re.compile(r"O|[BI]-\S+")
 VALID_FRACTION, VALID_SEED = 0.1, 0  # the validation split carved from CoNLL-2000's train: fixed for every run
 TAGGING_CORPORA = ("synthetic", "conll2000")
+MIN_COUNT = 2  # training occurrences a word needs to get its own embedding
 HUB_NAME = "eriktks/conll2000"  # columns tokens, chunk_tags (class indices)
 
 Sentence = tuple[list[str], list[str]]  # words, tags
@@ -149,7 +150,9 @@ def load_tagged_corpus(name: str, data_dir: str | Path | None = None, seed: int 
         raise BenchError(f"corpus {name!r}: the training split has no sentences")
     train_words = np.concatenate([np.array(words, dtype=object) for words, _ in sentences["train"]])
     unique, first, counts = np.unique(train_words, return_index=True, return_counts=True)
-    words = [PAD, UNK, *unique[np.lexsort((first, -counts))]]
+    # Words seen once stay out, so <unk> is trained on them and means something for the unseen test words.
+    order = np.lexsort((first, -counts))
+    words = [PAD, UNK, *unique[order][counts[order] >= MIN_COUNT]]
     # Every split's tags (CoNLL-2000's I-LST occurs only in test): the gold stays as written, and a tag
     # never seen in training is simply never predicted.
     all_tags = {tag for split in SPLITS for _, tags in sentences[split] for tag in tags}
