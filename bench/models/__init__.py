@@ -72,8 +72,8 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "birnn": ModelSpec(
         BiRNNTagger,
-        defaults=dict(cell="lstm", embedding_size=100, hidden_size=128, layers=2, activation="tanh", dropout=0.5,
-                      bidirectional=True, optimizer="adam", lr=2e-3, batch_size=32, clip=5.0, max_epochs=10),
+        defaults=dict(cell="lstm", embedding_size=100, hidden_size=128, layers=2, activation="tanh", dropout=0.3,
+                      bidirectional=True, optimizer="adam", lr=5e-3, batch_size=32, clip=5.0, max_epochs=10),
         quick=dict(embedding_size=64, hidden_size=64, dropout=0.0, lr=0.01, max_epochs=3),
         task="tagging",
     ),
