@@ -1,4 +1,4 @@
-"""The `bench` command: a thin layer over the harness, the store and (later) sweeps and reports.
+"""The `bench` command: a thin layer over the harness, the store, sweeps and reports.
 
 Mistakes a user can make end with exit code 2 and one line on stderr.
 """
@@ -45,8 +45,23 @@ def build_parser() -> Parser:
 
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
-    run.add_argument("--models", nargs="+", help="only these models (default: all)")
+    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus)")
     common_options(run)
+
+    sweep = commands.add_parser("sweep", help="an Optuna study over a spec (sweeps/*.yaml): trials stored as runs, "
+                                              "one W&B run each; re-running resumes it")
+    sweep.add_argument("spec", help="the sweep spec, e.g. sweeps/rnn-bptt-synthetic.yaml")
+    sweep.add_argument("--trials", type=int, help="trials the study holds in total, not more (default: the spec's)")
+    sweep.add_argument("--storage", help="Optuna storage URL (default: sqlite:///bench.db, the results database); "
+                                         "journal:PATH for several processes on one machine, "
+                                         "postgresql+psycopg://USER:PASSWORD@HOST/DB for several machines (start "
+                                         "the same command on each)")
+    sweep.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine (default: 1)")
+    sweep.add_argument("--no-wandb", action="store_true", help="log nothing to W&B (also: WANDB_MODE=disabled); "
+                                                               "without a W&B login runs are kept offline")
+    sweep.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else a per-user "
+                                          "cache folder)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     report = commands.add_parser("report", help="tables, plots, Markdown/HTML/CSV and a W&B report of the results")
     report.add_argument("--storage", help="Optuna storage URL of the results database (default: sqlite:///bench.db)")
@@ -78,33 +93,36 @@ def build_parser() -> Parser:
 def command_train(args) -> None:
     from bench.config import make_config, parse_assignments
     from bench.harness import run_experiment
+    from bench.models import REGISTRY
     from bench.store import open_storage, save_record
-    from bench.tables import leaderboard, to_text
+    from bench.tables import print_tables
 
     config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
     storage = open_storage(args.storage)
     record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
-    save_record(record, storage, f"train-{args.model}-{args.corpus}")
-    print(to_text(leaderboard([record])))
+    save_record(record, storage, f"train-{args.model}-{args.corpus}", REGISTRY[args.model].metric)
+    print_tables([record])
 
 
 def command_run(args) -> None:
-    from bench.config import make_config
+    from bench.config import TASK_CORPORA, make_config
     from bench.harness import run_experiment
     from bench.models import REGISTRY
     from bench.store import open_storage, save_record
-    from bench.tables import leaderboard, to_text
+    from bench.tables import print_tables
 
-    models = args.models or list(REGISTRY)
+    models = args.models or [m for m in REGISTRY if args.corpus in TASK_CORPORA[REGISTRY[m].task]]
     configs = [make_config(model, {"corpus": args.corpus}, quick=True) for model in models]
     storage = open_storage(args.storage)
     records = []
     for number, config in enumerate(configs, 1):
         print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}", flush=True)
         record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
-        save_record(record, storage, f"run-{args.corpus}")
+        spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
+        study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
+        save_record(record, storage, study, spec.metric)
         records.append(record)
-    print(to_text(leaderboard(records)))
+    print_tables(records)
 
 
 def command_report(args) -> None:
@@ -113,6 +131,15 @@ def command_report(args) -> None:
     from bench.reports import make_report
 
     make_report(args.storage, args.studies, Path(args.out), args.project, use_wandb=not args.no_wandb)
+
+
+def command_sweep(args) -> None:
+    from bench.sweep_spec import load_spec
+    from bench.sweeps import run_sweep
+
+    table = run_sweep(load_spec(args.spec), args.trials, args.storage, args.n_jobs, args.data_dir,
+                      use_wandb=not args.no_wandb, progress=not args.no_progress, worker_init=quiet_libraries)
+    print(table.to_string(index=False, na_rep="", float_format="{:.4g}".format))
 
 
 def command_regress(args) -> int:
@@ -124,7 +151,8 @@ def command_regress(args) -> int:
                    args.speed_seconds, args.data_dir)
 
 
-COMMANDS = {"train": command_train, "run": command_run, "report": command_report, "regress": command_regress}
+COMMANDS = {"train": command_train, "run": command_run, "sweep": command_sweep, "report": command_report,
+            "regress": command_regress}
 
 
 def quiet_libraries() -> None:

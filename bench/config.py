@@ -14,6 +14,9 @@ import yaml
 from bench.data import CORPORA
 from bench.errors import BenchError
 from bench.models import REGISTRY
+from bench.tagging import TAGGING_CORPORA
+
+TASK_CORPORA = {"lm": CORPORA, "tagging": TAGGING_CORPORA}
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Param:
 
 # Settings of the harness, valid for every model.
 HARNESS = {
-    "corpus": Param(str, choices=CORPORA, help="corpus name"),
+    "corpus": Param(str, choices=tuple(dict.fromkeys(CORPORA + TAGGING_CORPORA)), help="corpus name"),
     "seed": Param(int, 0, 2**31 - 1, help="seed of every random choice (data order, initialisation)"),
     "batch_size": Param(int, 1, 1_000_000, help="parallel streams per batch"),
     "bptt": Param(int, 1, 100_000, help="steps per chunk (truncated BPTT length)"),
@@ -50,7 +53,7 @@ HARNESS = {
     "max_epochs": Param(int, 1, 10_000, help="epoch budget"),
     "max_minutes": Param(float, 0.01, 1e6, help="wall-clock training budget in minutes"),
     "clip": Param(float, 0.0, 1e9, help="gradient-norm clipping (0: off)"),
-    "patience": Param(int, 0, 1000, help="epochs without improvement before stopping (after the LR halving)"),
+    "patience": Param(int, 0, 1000, help="epochs without improvement, after the LR-halving one, before stopping"),
     "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
     "limit_train_batches": Param(int, 0, 10**9, help="training batches per epoch (0: all)"),
 }
@@ -70,9 +73,13 @@ MODEL = {
     "dropout": Param(float, 0.0, 0.99),
     "activation": Param(str, choices=("sigmoid", "tanh", "relu")),
     "tie_weights": Param(bool),
+    "cell": Param(str, choices=("elman", "gru", "lstm"), help="recurrent cell of the tagger"),
+    "bidirectional": Param(bool, help="tagger reads both directions (false: left to right only)"),
 }
-# Keys of every neural model (trained by gradient, ending in an output layer).
-NEURAL_KEYS = ("optimizer", "lr", "output", "classes", "class_binning", "cutoffs", "div_value", "clip", "kn_order")
+# Keys of every model trained by gradient; of language models only (token streams, output layers, NN+KN).
+TRAINING_KEYS = ("optimizer", "lr", "clip")
+LM_KEYS = ("bptt", "eval_batch_size")
+NEURAL_LM_KEYS = ("output", "classes", "class_binning", "cutoffs", "div_value", "kn_order")
 OUTPUT_OPTIONS = {"classes": "class", "class_binning": "class", "cutoffs": "adaptive", "div_value": "adaptive"}
 QUICK_DEFAULTS = dict(kn_order=5)  # the quick suite shows every neural model's NN+KN column
 HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=1, max_epochs=20, max_minutes=60.0,
@@ -95,8 +102,12 @@ def parse_assignments(assignments: list[str]) -> dict:
 
 def allowed_keys(model: str) -> list[str]:
     spec = REGISTRY[model]
-    keys = set(HARNESS) - set(NEURAL_KEYS) | set(spec.defaults)
-    return sorted(keys | set(NEURAL_KEYS) if spec.neural else keys)
+    optional = set(TRAINING_KEYS + LM_KEYS + NEURAL_LM_KEYS)
+    keys = set(HARNESS) - optional | set(spec.defaults)
+    keys |= set(TRAINING_KEYS) if spec.neural else set()
+    keys |= set(LM_KEYS) if spec.task == "lm" else set()
+    keys |= set(NEURAL_LM_KEYS) if spec.neural and spec.task == "lm" else set()
+    return sorted(keys)
 
 
 def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
@@ -116,6 +127,9 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     config = {key: value for key, value in config.items() if key in keys}
     for key, value in config.items():
         config[key] = {**HARNESS, **MODEL}[key].check(key, value)
+    if config["corpus"] not in TASK_CORPORA[spec.task]:
+        raise BenchError(f"{model} needs a {'tagging' if spec.task == 'tagging' else 'language-model'} corpus: "
+                         f"choose one of {', '.join(TASK_CORPORA[spec.task])}, got {config['corpus']!r}")
     for key, layer in OUTPUT_OPTIONS.items():
         if key in config and config.get("output") != layer:
             raise BenchError(f"{key} applies to output={layer}, not output={config.get('output')}")

@@ -162,7 +162,9 @@ def _read_file_corpus(name: str, root: Path) -> dict[str, list[str]]:
         ) from None
 
 
-def _synthetic_lines(seed: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray], list[str]]:
+def synthetic_lines(seed: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray], list[str]]:
+    """The synthetic corpus of `seed` (generated once, cached per user): lines per split, the oracle's log p
+    per token per split, and the language's whole vocabulary."""
     from datasets import load_dataset
 
     from bench.synthetic import SyntheticLanguage, write_corpus
@@ -182,7 +184,7 @@ def load_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) ->
         raise BenchError(f"unknown corpus {name!r}: choose one of {', '.join(CORPORA)}")
     oracle, known_words = None, None
     if name == "synthetic":
-        lines, oracle, known_words = _synthetic_lines(seed)
+        lines, oracle, known_words = synthetic_lines(seed)
     else:
         lines = _read_file_corpus(name, resolve_data_dir(data_dir))
     tokens = {split: tokenize(lines[split]) for split in SPLITS}

@@ -1,9 +1,10 @@
 """One run = one record: train a model from a validated configuration with Lightning and measure it.
 
-The record holds the perplexities (train of the last epoch, valid of the best checkpoint, test), the
-speed figures of Mikolov et al. 2011's Table 3 (training tokens per second and minutes per epoch, training
-steps only -- validation excluded; seconds to score the test set), parameter count, peak memory, device,
-seed, commit, library versions and the full configuration.
+The record holds the module's `results` -- perplexities (train of the last epoch, valid of the best
+checkpoint, test), or for taggers F1, precision, recall and token accuracy --, the speed figures of
+Mikolov et al. 2011's Table 3 (training tokens per second and minutes per epoch, training steps only --
+validation excluded; seconds to score the test set), parameter count, peak memory, device, seed, commit,
+library versions and the full configuration.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench.data import Corpus, LanguageModelData, load_corpus
 from bench.interpolation import tune_interpolation
 from bench.models import REGISTRY
 from bench.models.kneser_ney import KneserNey
+from bench.tagging import TaggedCorpus, TaggingData, load_tagged_corpus
 
 
 class SpeedMonitor(pl.Callback):
@@ -46,7 +48,7 @@ class SpeedMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._epoch_seconds += time.perf_counter() - self._batch_start
-        self.train_tokens += int(batch[2].sum())
+        self.train_tokens += int(batch[2].sum())  # the mask of a stream batch, the lengths of a sentence batch
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.train_seconds.append(self._epoch_seconds)
@@ -61,6 +63,24 @@ class SpeedMonitor(pl.Callback):
 @functools.lru_cache(maxsize=4)
 def cached_corpus(name: str, data_dir: str | None) -> Corpus:
     return load_corpus(name, data_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_tagged_corpus(name: str, data_dir: str | None) -> TaggedCorpus:
+    return load_tagged_corpus(name, data_dir)
+
+
+def build(config: dict, data_dir: str | None) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """The configured model and the batches of its corpus."""
+    spec = REGISTRY[config["model"]]
+    arguments = model_arguments(config)
+    if spec.task == "tagging":
+        corpus = cached_tagged_corpus(config["corpus"], data_dir)
+        return (spec.module(len(corpus.words), corpus.tags, **arguments),
+                TaggingData(corpus, config["batch_size"]))
+    corpus = cached_corpus(config["corpus"], data_dir)
+    return (spec.module(corpus.vocab, **arguments),
+            LanguageModelData(corpus, config["batch_size"], config["bptt"], config["eval_batch_size"]))
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,37 +132,34 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
     """Train and evaluate one validated configuration (bench.config.make_config); return its record."""
     pl.seed_everything(config["seed"], verbose=False)
     data_dir = str(data_dir) if data_dir else None
-    corpus = cached_corpus(config["corpus"], data_dir)
-    model = REGISTRY[config["model"]].module(corpus.vocab, **model_arguments(config))
-    data = LanguageModelData(corpus, config["batch_size"], config["bptt"], config["eval_batch_size"])
+    model, data = build(config, data_dir)
     speed = SpeedMonitor()
+    interpolate = bool(config.get("kn_order"))
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as checkpoint_dir:
-        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_ppl", mode="min", save_weights_only=True)
-        stopping = EarlyStopping(monitor="val_ppl", mode="min", patience=config["patience"], check_finite=True)
+        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor=model.MONITOR, mode=model.MODE,
+                                     save_weights_only=True)
+        # The first epoch without improvement halves the learning rate (the module's scheduler); training
+        # stops after `patience` more, so the halved rate is always tried (Mikolov's schedule).
+        stopping = EarlyStopping(monitor=model.MONITOR, mode=model.MODE, patience=config["patience"] + 1,
+                                 check_finite=True)
         trainer = build_trainer(config, [speed, checkpoint, stopping, *callbacks], logger, progress, checkpoint_dir)
         trainer.fit(model, datamodule=data)
         # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint.
         best = "best" if checkpoint.best_model_path else None
-        model.keep_token_nll = bool(config.get("kn_order"))
-        if model.keep_token_nll:
+        if interpolate:  # per-token scores of the best weights on valid and test, for NN+KN
+            model.keep_token_nll = True
             trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
         trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
-    interpolation = {}
-    if model.keep_token_nll:
-        kn = kneser_ney_log_probs(config["corpus"], data_dir, config["kn_order"])
-        interpolation = tune_interpolation(valid=(-model.scored_token_nll("val"), kn["valid"]),
-                                           test=(-model.scored_token_nll("test"), kn["test"]))
+    record = {"model": config["model"], "corpus": config["corpus"], **model.results(len(speed.train_seconds))}
+    if isinstance(data, LanguageModelData):
+        corpus = data.corpus
+        if interpolate:
+            kn = kneser_ney_log_probs(config["corpus"], data_dir, config["kn_order"])
+            record |= tune_interpolation(valid=(-model.scored_token_nll("val"), kn["valid"]),
+                                         test=(-model.scored_token_nll("test"), kn["test"]))
+        record |= {"oracle_ppl": corpus.oracle_perplexity("test"), "unigram_ppl": corpus.unigram_perplexity("test")}
     device = str(model.device)
-    record = {
-        "model": config["model"],
-        "corpus": config["corpus"],
-        "train_ppl": model.perplexities["train"][-1] if model.perplexities["train"] else None,
-        "valid_ppl": min(model.perplexities["val"]),
-        "test_ppl": model.perplexities["test"][-1],
-        **interpolation,
-        "valid_ppl_per_epoch": model.perplexities["val"][:len(speed.train_seconds)],
-        "oracle_ppl": corpus.oracle_perplexity("test"),
-        "unigram_ppl": corpus.unigram_perplexity("test"),
+    return record | {
         "epochs": len(speed.train_seconds),
         "tokens_per_second": speed.train_tokens / max(sum(speed.train_seconds), 1e-9),
         "minutes_per_epoch": float(np.mean(speed.train_seconds)) / 60,
@@ -155,4 +172,3 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         "versions": library_versions(),
         "config": config,
     }
-    return record

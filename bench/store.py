@@ -18,6 +18,7 @@ from bench.errors import BenchError
 DEFAULT_STORAGE = "sqlite:///bench.db"
 # The figures shown as their own columns by study.trials_dataframe(); the whole record is attribute "record".
 SUMMARY_KEYS = ("model", "corpus", "valid_ppl", "test_ppl", "tokens_per_second", "minutes_per_epoch")
+HEARTBEAT_SECONDS = 20
 
 
 def redact(url: str) -> str:
@@ -25,15 +26,23 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def open_storage(url: str | None = None):
-    """An Optuna storage from a URL: RDB URLs as they are; `journal:PATH` for Optuna's journal file."""
+def open_storage(url: str | None = None, heartbeat: bool = False):
+    """An Optuna storage from a URL: RDB URLs as they are; `journal:PATH` for Optuna's journal file.
+
+    `heartbeat` (SQL storages; the journal has none): every running trial pings the database, and a trial
+    whose worker stopped pinging is failed and requeued with its parameters by the next worker of the study.
+    """
     url = url or DEFAULT_STORAGE
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        return optuna.storages.RDBStorage(url)
+        beats = dict(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
+                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+        # SQLite: concurrent workers wait for the write lock instead of failing after sqlite3's 5 s default
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **(beats if heartbeat else {}))
     except Exception as error:  # SQLAlchemy and driver errors: a bad URL or an unreachable server
         raise BenchError(f"cannot open storage {redact(url)}: {str(error).splitlines()[0]}") from None
 
@@ -53,8 +62,13 @@ def save_record(record: dict, storage, study_name: str, metric: str = "valid_ppl
     """Add the finished run `record` to `study_name` as a completed trial valued by `metric`."""
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                 direction="maximize" if metric.endswith("f1") else "minimize")
-    record = plain(record)
-    attrs = {"record": record, **{k: record.get(k) for k in SUMMARY_KEYS}}
-    trial = optuna.trial.create_trial(value=record[metric], user_attrs=attrs)
+    attrs = record_attributes(record)
+    trial = optuna.trial.create_trial(value=attrs["record"][metric], user_attrs=attrs)
     study.add_trial(trial)
     return trial
+
+
+def record_attributes(record: dict) -> dict:
+    """A trial's user attributes for the run `record`: all of it as "record", plus the SUMMARY_KEYS columns."""
+    record = plain(record)
+    return {"record": record, **{k: record.get(k) for k in SUMMARY_KEYS}}

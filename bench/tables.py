@@ -61,3 +61,10 @@ def tagger_table(records: list[dict]) -> pd.DataFrame:
 
 def to_text(frame: pd.DataFrame) -> str:
     return frame.to_string(index=False, na_rep="", float_format=lambda x: f"{x:,.2f}" if abs(x) < 1e5 else f"{x:,.0f}")
+
+
+def print_tables(records: list[dict]) -> None:
+    """The language models' leaderboard, then the taggers' table, as text (each only if it has rows)."""
+    taggers = [record for record in records if "test_f1" in record]
+    models = [record for record in records if "test_f1" not in record]
+    print("\n\n".join(to_text(table(rows)) for table, rows in ((leaderboard, models), (tagger_table, taggers)) if rows))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.models.birnn import BiRNNTagger
 from bench.models.elman import ElmanLM
 from bench.models.ffnn import FeedForwardLM
 from bench.models.kneser_ney import KneserNeyLM
@@ -22,7 +23,17 @@ class ModelSpec:
     quick: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     task: str = "lm"  # "lm": scored by perplexity; "tagging": by F1
-    neural: bool = True  # trained by gradient, with an output layer and an optimizer
+    neural: bool = True  # trained by gradient, with an optimizer (and, language models, an output layer)
+
+    @property
+    def metric(self) -> str:
+        """The record's validation figure that selects runs: lower perplexity, or higher F1 for taggers."""
+        return "valid_f1" if self.task == "tagging" else "valid_ppl"
+
+    @property
+    def direction(self) -> str:
+        """Optuna's direction for `metric`."""
+        return "maximize" if self.task == "tagging" else "minimize"
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -58,5 +69,12 @@ REGISTRY: dict[str, ModelSpec] = {
                       optimizer="sgd", lr=1.0, bptt=20, batch_size=20, clip=0.25),
         quick=dict(embedding_size=128, hidden_size=128, layers=1, max_epochs=6),
         fixed=dict(cell="lstm"),
+    ),
+    "birnn": ModelSpec(
+        BiRNNTagger,
+        defaults=dict(cell="lstm", embedding_size=100, hidden_size=128, layers=2, activation="tanh", dropout=0.5,
+                      bidirectional=True, optimizer="adam", lr=2e-3, batch_size=32, clip=5.0, max_epochs=10),
+        quick=dict(embedding_size=64, hidden_size=64, dropout=0.0, lr=0.01, max_epochs=3),
+        task="tagging",
     ),
 }

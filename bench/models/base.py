@@ -35,6 +35,8 @@ def detach(state):
 class LanguageModel(pl.LightningModule):
     """Training and evaluation loop of every left-to-right language model."""
 
+    MONITOR, MODE = "val_ppl", "min"  # the validation metric that early stopping, checkpoints and sweeps watch
+
     def __init__(self, vocab: Vocabulary, output_size: int | None, *, output: str = "full", optimizer: str = "sgd",
                  lr: float = 0.1, **output_options):
         super().__init__()
@@ -121,17 +123,27 @@ class LanguageModel(pl.LightningModule):
         return nll[mask].cpu().numpy()
 
     def configure_optimizers(self):
-        """SGD or Adam, with Mikolov's schedule: halve the rate when validation perplexity stops improving
-        (ReduceLROnPlateau, factor 0.5, no patience); the harness's EarlyStopping stops training when it
-        stops improving again."""
-        if self.hparams.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-        elif self.hparams.optimizer == "adam":
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        else:
-            raise BenchError(f"unknown optimizer {self.hparams.optimizer!r}: choose sgd or adam")
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=0,
-                                                               threshold=0.003)
-        # strict=False: an epoch cut short by max_time has no val_ppl to step on
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_ppl", "strict": False}}
+        return configure_optimizer(self, self.hparams.optimizer, self.hparams.lr, self.MONITOR, self.MODE)
+
+    def results(self, epochs: int) -> dict:
+        """The record's figures: perplexities (valid: the best epoch, whose weights were tested) and the
+        validation perplexity of each of the `epochs` training epochs."""
+        return {"train_ppl": self.perplexities["train"][-1] if self.perplexities["train"] else None,
+                "valid_ppl": min(self.perplexities["val"]), "test_ppl": self.perplexities["test"][-1],
+                "valid_ppl_per_epoch": self.perplexities["val"][:epochs]}
+
+
+def configure_optimizer(module: pl.LightningModule, name: str, lr: float, monitor: str, mode: str) -> dict:
+    """SGD or Adam, with Mikolov's schedule: halve the rate when the validation metric stops improving
+    (ReduceLROnPlateau, factor 0.5, no patience); the harness's EarlyStopping stops training when it
+    stops improving again."""
+    if name == "sgd":
+        optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+    elif name == "adam":
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    else:
+        raise BenchError(f"unknown optimizer {name!r}: choose sgd or adam")
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=0,
+                                                           threshold=0.003)
+    # strict=False: an epoch cut short by max_time has no validation metric to step on
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor, "strict": False}}

@@ -280,3 +280,8 @@ class KneserNeyLM(LanguageModel):
 
     def configure_optimizers(self):
         return None
+
+    def results(self, epochs: int) -> dict:
+        """The perplexities, and the discounts D1, D2, D3+ estimated for each order n (key "n")."""
+        discounts = {str(n): list(d) for n, d in sorted(self.estimator.discounts.items())}
+        return super().results(epochs) | {"kn_discounts": discounts}

@@ -1,0 +1,350 @@
+"""`bench sweep`: an Optuna study over a spec (bench.sweep_spec), one harness run and one W&B run per trial.
+
+Every trial is one bench.harness.run_experiment of a bench.config.make_config configuration; its record is
+stored as bench.store.save_record stores runs (user attributes "record" + the summary columns), in the
+suite's results database, so `bench report` reads sweeps too. Pruning: optuna-integration's Lightning
+callback on the task's epoch metric (val_ppl, or val_f1 for taggers); it raises TrialPruned from inside fit.
+
+Counting. `trials` (or --trials) is the number of trials the study holds in total, not more per command: a
+trial holds a place when it is complete, pruned, failed by its own run (NaN loss, an exception: user
+attribute "fail_reason"), running or queued. Optuna's MaxTrialsCallback counts states only, and a trial
+whose worker died is FAIL while its requeued copy is WAITING -- counted twice, or a diverging trial not
+counted at all and the study never ending -- so the count is `holds_place` below. Re-running the command
+resumes: it recovers dead workers' trials and runs only the places still open. Workers sharing a study
+(--n-jobs processes, or the same command on several machines against one PostgreSQL URL) check the count
+before each trial and again inside it against the trials numbered before it (numbers are assigned in
+creation order by the storage), so two workers racing for the last place cannot both run: the later one is
+marked "surplus" (FAIL, holding no place) and stops.
+
+Dead workers. SQL storages ping a heartbeat (bench.store.open_storage): Optuna fails a trial whose pings
+stopped and RetryHeartbeatStaleTrialCallback requeues its parameters. The journal storage has no heartbeat,
+so each trial records its worker (host, pid, process start time) and a command starting on that host fails
+and requeues, the same way, the trials whose process is gone (on SQL storages too: no wait for the grace
+period there).
+
+Workers are processes, not Optuna's n_jobs threads: Lightning seeds the global RNGs per run and its
+WandbLogger reuses whatever W&B run is active in the process, so threads would mix trials.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import multiprocessing
+import netrc
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from bench.errors import BenchError
+from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
+from bench.store import DEFAULT_STORAGE, open_storage, plain, record_attributes, redact
+from bench.sweep_spec import SweepSpec
+
+STARTING_SECONDS = 60  # a running trial names its worker within moments; one that never did is stale by then
+PLACE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+class SurplusTrial(Exception):
+    """The study already had all its trials when this one started (a race between workers)."""
+
+
+# --------------------------------------------------------------------------------------- W&B
+
+
+def wandb_logged_in() -> bool:
+    """Whether W&B credentials are configured ($WANDB_API_KEY or a netrc entry for the W&B host), read
+    without network: wandb has no public offline check (wandb.login prompts on a terminal without a key)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(use_wandb: bool = True) -> str:
+    """disabled with --no-wandb; else $WANDB_MODE when set; else online when logged in, offline otherwise."""
+    if not use_wandb:
+        return "disabled"
+    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+    return "offline" if mode == "dryrun" else mode
+
+
+def start_wandb_run(spec: SweepSpec, trial: optuna.Trial, config: dict, mode: str):
+    """A Lightning WandbLogger over a run of this trial alone (finished by finish_wandb_run), started here
+    so that a failure is caught: online but unreachable, the run is kept offline for `wandb sync`; W&B
+    itself broken, the trial runs without it."""
+    if mode == "disabled":
+        return None
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    init = dict(project=spec.project or os.environ.get("WANDB_PROJECT") or "bench", group=spec.study,
+                job_type=config["model"], name=f"{spec.study}-{trial.number}", tags=[spec.study, config["corpus"]],
+                config={**config, "study": spec.study, "trial": trial.number},
+                settings=wandb.Settings(silent=True, init_timeout=60),
+                dir=os.environ.get("WANDB_DIR"))  # read per run: wandb's settings singleton keeps the first one
+    for attempt in dict.fromkeys([mode, "offline"]):
+        try:
+            run = wandb.init(mode=attempt, **init)
+        except Exception as error:  # noqa: BLE001 -- W&B trouble must not fail the trial
+            print(f"W&B {attempt} run did not start: {str(error).splitlines()[0] if str(error) else repr(error)}",
+                  flush=True)
+            continue
+        # as WandbLogger does for the runs it starts: epoch metrics against the global step
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        trial.set_user_attr("wandb_run", run.id)
+        return WandbLogger(experiment=run)
+    return None
+
+
+def finish_wandb_run(logger, state: str, summary: dict) -> None:
+    """Put the trial's outcome in the run's summary (and tags when not complete) and finish the run."""
+    if logger is None:
+        return
+    run = logger.experiment
+    run.summary.update({"state": state, **plain(summary)})
+    if state != "complete":
+        run.tags = (*run.tags, state)
+    run.finish(exit_code=1 if state == "failed" else 0)
+
+
+# ---------------------------------------------------------------------------------- workers
+
+
+def process_start(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of a process from /proc, None where there is no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
+def this_worker(trial: optuna.Trial) -> dict:
+    start = process_start(os.getpid())
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": start and start[1], "trial": trial.number}
+
+
+def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose worker process on this host is gone (or that never named its worker)."""
+    worker = trial.user_attrs.get("worker") or {}
+    if worker.get("trial") != trial.number:  # not named yet, or a requeued copy still naming the dead worker
+        return time.time() - trial.datetime_start.timestamp() > STARTING_SECONDS
+    if worker["host"] != socket.gethostname():
+        return False  # another machine: the SQL heartbeat judges it
+    try:
+        os.kill(worker["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    process = process_start(worker["pid"])
+    return process is not None and (process[0] == "Z" or process[1] != worker["started"])
+
+
+def recover_dead_trials(study: optuna.Study, storage) -> list[int]:
+    """Fail the running trials whose worker is gone and requeue their parameters (as Optuna does for
+    heartbeat-stale ones); returns their numbers. Only the worker whose state change succeeds requeues."""
+    requeue = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(trial):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        requeue(study, storage.get_trial(trial._trial_id))
+        recovered.append(trial.number)
+    return recovered
+
+
+def holds_place(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state in PLACE_STATES or (trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs)
+
+
+def places_taken(study: optuna.Study, before: int | None = None) -> int:
+    return sum(holds_place(t) for t in study.get_trials(deepcopy=False) if before is None or t.number < before)
+
+
+class PruningCallback(PyTorchLightningPruningCallback):
+    """optuna-integration's pruning callback (in one process it reports the epoch metric and raises
+    TrialPruned from on_validation_end; check_pruned is for DDP), keeping the metrics it last saw for the
+    trial's record. A non-finite metric is a diverged run: FloatingPointError (a failed trial), not pruning."""
+
+    def __init__(self, trial: optuna.Trial, monitor: str):
+        super().__init__(trial, monitor)
+        self.last_metrics: dict = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self.last_metrics = {"epoch": trainer.current_epoch,
+                             **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+        value = self.last_metrics.get(self.monitor)
+        if value is not None and not math.isfinite(value):
+            raise FloatingPointError(f"{self.monitor} became {value} at epoch {trainer.current_epoch}")
+        super().on_validation_end(trainer, pl_module)
+
+
+@dataclass
+class Objective:
+    spec: SweepSpec
+    total: int
+    data_dir: str | None
+    wandb_mode: str
+    progress: bool
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.claim_place(trial)
+        logger, pruning = None, PruningCallback(trial, self.spec.epoch_metric)
+        try:
+            config = self.spec.config(self.spec.settings(trial))
+            logger = start_wandb_run(self.spec, trial, config, self.wandb_mode)
+            record = run_experiment(config, data_dir=self.data_dir, logger=logger, callbacks=(pruning,),
+                                    progress=self.progress)
+            value = record.get(self.spec.metric)
+            if value is None or not math.isfinite(value):
+                raise FloatingPointError(f"{self.spec.metric} is {value} (diverged)")
+        except optuna.TrialPruned:
+            trial.set_user_attr("last_metrics", pruning.last_metrics)
+            finish_wandb_run(logger, "pruned", pruning.last_metrics)
+            raise
+        except Exception as error:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("last_metrics", pruning.last_metrics)
+            finish_wandb_run(logger, "failed", {"fail_reason": reason, **pruning.last_metrics})
+            raise
+        for key, attribute in record_attributes(record).items():
+            trial.set_user_attr(key, attribute)
+        finish_wandb_run(logger, "complete", record)
+        return value
+
+    def claim_place(self, trial: optuna.Trial) -> None:
+        trial.set_user_attr("worker", this_worker(trial))
+        if places_taken(trial.study, before=trial.number) >= self.total:
+            trial.set_user_attr("surplus", f"the study had its {self.total} trials when this one started")
+            trial.study.stop()
+            raise SurplusTrial(trial.user_attrs["surplus"])
+
+
+def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
+    attrs = trial.user_attrs
+    if trial.state == TrialState.COMPLETE:
+        return f"{metric} {trial.value:.2f}"
+    if trial.state == TrialState.PRUNED:
+        last = attrs.get("last_metrics") or {}
+        figures = " ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch")
+        return f"pruned at epoch {last.get('epoch')}" + (f" ({figures})" if figures else "")
+    if trial.state == TrialState.FAIL:
+        return attrs.get("fail_reason") or attrs.get("surplus") or "stopped before the end (killed or interrupted)"
+    return ""
+
+
+@dataclass
+class Worker:
+    """One process's optimisation loop over the shared study (picklable, for --n-jobs worker processes)."""
+
+    spec: SweepSpec
+    storage_url: str | None
+    objective: Objective
+    init: object = None  # called first in a worker process (the CLI's quiet_libraries)
+
+    def __call__(self, index: int) -> None:
+        if self.init is not None:
+            self.init()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by report_trial, one line
+        storage = open_storage(self.storage_url, heartbeat=True)
+        seed_salt = (len(optuna.load_study(study_name=self.spec.study, storage=storage).trials), index)
+        study = optuna.load_study(study_name=self.spec.study, storage=storage,
+                                  sampler=self.spec.make_sampler(seed_salt), pruner=self.spec.make_pruner())
+        if places_taken(study) < self.objective.total:
+            study.optimize(self.objective, callbacks=[self.report_trial, self.stop_when_full], catch=(Exception,),
+                           gc_after_trial=True)
+
+    def report_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        seconds = trial.duration.total_seconds() if trial.duration else 0
+        print(f"trial {trial.number} {trial.state.name}: {describe(trial, self.spec.metric)} | {params} | "
+              f"{seconds:.0f} s", flush=True)
+
+    def stop_when_full(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if places_taken(study) >= self.objective.total:
+            study.stop()
+
+
+# ------------------------------------------------------------------------------------------ study
+
+
+def open_study(spec: SweepSpec, storage) -> optuna.Study:
+    """The spec's study, created or resumed; a study of that name made from another spec is a user error."""
+    study = optuna.create_study(study_name=spec.study, storage=storage, direction=spec.direction,
+                                load_if_exists=True)
+    made_from = study.user_attrs.get("spec")
+    if made_from is None:
+        study.set_user_attr("spec", spec.definition)
+    elif made_from != spec.definition:
+        raise BenchError(f"study {spec.study!r} exists with another spec (only trials and project may change "
+                         f"on resume); give this spec another study name")
+    return study
+
+
+def trials_table(study: optuna.Study, metric: str) -> pd.DataFrame:
+    """One row per trial: number, state, the metric, the parameters, seconds, and what happened."""
+    rows = [{"trial": t.number, "state": t.state.name, metric: t.value,
+             **{k: v for k, v in t.params.items()},
+             "seconds": t.duration.total_seconds() if t.duration else None,
+             "note": "" if t.state == TrialState.COMPLETE else describe(t, metric)} for t in study.trials]
+    return pd.DataFrame(rows)
+
+
+def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | None = None, n_jobs: int = 1,
+              data_dir: str | None = None, use_wandb: bool = True, progress: bool = True,
+              worker_init=None) -> pd.DataFrame:
+    """Run (or resume) the spec's study until it holds `trials` trials (default: the spec's); return the
+    trials table."""
+    total = spec.trials if trials is None else trials
+    if total < 1 or n_jobs < 1:
+        raise BenchError("--trials and --n-jobs must be positive")
+    if spec.grid_size is not None and total > spec.grid_size:
+        raise BenchError(f"--trials {total}: the grid of {spec.path} has {spec.grid_size} points")
+    data_dir = str(data_dir) if data_dir else None
+    # a missing corpus fails here, before the study is touched
+    (cached_tagged_corpus if spec.task == "tagging" else cached_corpus)(spec.corpus, data_dir)
+    storage = open_storage(storage_url, heartbeat=True)
+    study = open_study(spec, storage)
+    optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
+    recovered = recover_dead_trials(study, storage)
+    if recovered:
+        print(f"trials {', '.join(map(str, recovered))}: their worker is gone; failed and requeued", flush=True)
+    mode = wandb_mode(use_wandb)
+    owed = total - places_taken(study)
+    print(f"study {spec.study} in {redact(storage_url or DEFAULT_STORAGE)}: {total - owed} of {total} trials "
+          f"held, {max(owed, 0)} to run; W&B {mode}"
+          + (" (no login: runs kept in ./wandb or $WANDB_DIR; `wandb sync` uploads them)" if mode == "offline"
+             else ""), flush=True)
+    objective = Objective(spec, total, data_dir, mode, progress and n_jobs == 1)
+    worker = Worker(spec, storage_url, objective, worker_init)
+    if owed > 0 and n_jobs == 1:
+        worker(0)
+    elif owed > 0:
+        # fork: the workers inherit the imported libraries and the loaded corpus (spawn re-imports torch and
+        # Lightning, ~7 s a worker here); nothing has run torch or W&B in this process yet.
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(n_jobs, owed), mp_context=context) as pool:
+            list(pool.map(worker, range(min(n_jobs, owed))))
+    return trials_table(study, spec.metric)

@@ -1,0 +1,324 @@
+"""`bench sweep`: specs, trials stored as runs, W&B runs per trial, failures, pruning, resume, shared studies.
+
+Trials are tiny (hidden 8, one epoch cut at ~0.6 s of training, scoring 64 streams at once) so the fast
+tests stay around a minute. PostgreSQL: .ci/run starts a server and exports BENCH_TEST_POSTGRES_URL.
+"""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from bench.cli import main
+from bench.models import REGISTRY
+from bench.reports import load_runs
+from bench.store import SUMMARY_KEYS, open_storage
+from bench.sweep_spec import load_spec
+from bench.sweeps import Objective, places_taken, run_sweep, wandb_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """
+model: rnn-bptt
+corpus: synthetic
+fixed: {hidden_size: 8, batch_size: 64, bptt: 10, eval_batch_size: 64}
+budget: {epochs: 1, minutes: 0.01}
+"""
+
+
+def write_spec(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def wandb_records(path: Path):
+    """The protobuf records of an offline W&B run file (run-ID.wandb): a LevelDB-style log of 32 KiB blocks,
+    each record a 7-byte header (crc, length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position, pending = path.read_bytes(), 32768, 7, b""  # 7: the ":W&B" file header
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def offline_runs(wandb_dir: Path) -> list[dict]:
+    """Every offline W&B run under `wandb_dir`: group, job type, tags, config, final summary, exit code."""
+    runs = []
+    for path in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        run = {"summary": {}, "exit_code": None}
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run.update(group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags),
+                           config={u.key: json.loads(u.value_json) for u in record.run.config.update})
+            elif kind == "summary":
+                run["summary"].update({u.key or u.nested_key[0]: json.loads(u.value_json)
+                                       for u in record.summary.update if u.key or len(u.nested_key) == 1})
+            elif kind == "exit":
+                run["exit_code"] = record.exit.exit_code
+        runs.append(run)
+    return runs
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """No W&B credentials and no WANDB_MODE: the sweep must choose offline by itself; runs land in tmp_path."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_wandb_is_offline_without_credentials_online_with_them(offline_wandb, monkeypatch):
+    assert wandb_mode() == "offline"
+    assert wandb_mode(use_wandb=False) == "disabled"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+
+
+def test_sweep_stores_every_trial_as_a_run_with_one_wandb_run_each_and_resumes(offline_wandb, capsys):
+    spec = write_spec(offline_wandb, TINY + "study: tiny\nsearch:\n  lr: {type: log-float, low: 0.5, high: 5}\n"
+                                            "sampler: {type: random, seed: 1}\npruner: none\ntrials: 3\n")
+    storage = f"sqlite:///{offline_wandb}/results.db"
+    assert main(["sweep", str(spec), "--storage", storage, "--no-progress"]) == 0
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    for trial in study.trials:
+        record = trial.user_attrs["record"]
+        assert trial.value == record["valid_ppl"] and record["config"]["lr"] == trial.params["lr"]
+        assert all(trial.user_attrs[key] == record[key] for key in SUMMARY_KEYS)
+        assert record["epochs"] == 1 and record["test_ppl"] > record["oracle_ppl"] and record["tokens_per_second"] > 0
+    runs = load_runs(storage, ["tiny"])  # the reports read sweeps like any stored run
+    assert sorted(runs["valid_ppl"]) == sorted(t.value for t in study.trials)
+
+    wandb_runs = offline_runs(offline_wandb)
+    assert len(wandb_runs) == 3 and {r["group"] for r in wandb_runs} == {"tiny"}
+    assert {r["job_type"] for r in wandb_runs} == {"rnn-bptt"} and {r["exit_code"] for r in wandb_runs} == {0}
+    by_trial = {r["config"]["trial"]: r for r in wandb_runs}
+    for trial in study.trials:
+        run = by_trial[trial.number]
+        assert run["config"]["lr"] == trial.params["lr"] and run["config"]["hidden_size"] == 8
+        assert run["summary"]["state"] == "complete"
+        assert run["summary"]["valid_ppl"] == pytest.approx(trial.value, rel=1e-9)
+        assert "val_ppl" in run["summary"]  # the epoch metric, logged through Lightning's WandbLogger
+    assert "0 of 3 trials held, 3 to run; W&B offline" in capsys.readouterr().out
+
+    # The same command again: nothing owed. --trials 4: one more, four in all.
+    assert main(["sweep", str(spec), "--storage", storage, "--no-progress"]) == 0
+    assert "3 of 3 trials held, 0 to run" in capsys.readouterr().out
+    assert main(["sweep", str(spec), "--storage", storage, "--no-progress", "--trials", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 trials held, 1 to run" in out and "trial 3 COMPLETE" in out
+    assert [t.state for t in optuna.load_study(study_name="tiny", storage=storage).trials] == [TrialState.COMPLETE] * 4
+    assert len(offline_runs(offline_wandb)) == 4
+
+
+def test_diverging_trial_fails_with_its_reason_and_a_pruned_one_keeps_its_metrics(offline_wandb):
+    """Journal storage. A run that diverges (relu, lr 1e4, no clipping: its loss or its validation perplexity
+    becomes non-finite), a good one, and a hopeless one that the median pruner stops after one epoch."""
+    spec = write_spec(offline_wandb, TINY + """
+study: outcomes
+grid:
+  - {activation: [relu], lr: [10000.0], clip: [0.0]}
+  - {lr: [3.0, 0.0001]}
+sampler: {type: grid, seed: 3}  # the grid's order: the good run, the diverging one, the hopeless one
+pruner: {type: median, n_startup_trials: 1}
+""")
+    storage = f"journal:{offline_wandb}/journal.log"
+    table = run_sweep(load_spec(spec), storage_url=storage, progress=False)
+    trials = {t.params["configuration"]: t for t in optuna.load_study(study_name="outcomes",
+                                                                       storage=open_storage(storage)).trials}
+    failed, good, bad = trials["activation=relu lr=10000.0 clip=0.0"], trials["lr=3.0"], trials["lr=0.0001"]
+    assert failed.state == TrialState.FAIL and good.state == TrialState.COMPLETE
+    assert failed.user_attrs["fail_reason"].startswith("FloatingPointError: ")
+    assert "became" in failed.user_attrs["fail_reason"] and "record" not in failed.user_attrs
+    assert good.user_attrs["record"]["config"]["lr"] == 3.0
+    assert (good.number, failed.number, bad.number) == (0, 1, 2)  # the study went on after the failure
+    assert bad.state == TrialState.PRUNED  # judged against the good trial's first epoch
+    last = bad.user_attrs["last_metrics"]
+    assert last["epoch"] == 0 and last["val_ppl"] > good.intermediate_values[0]
+    assert bad.intermediate_values[0] == pytest.approx(last["val_ppl"])
+    assert table["state"].tolist() == ["COMPLETE", "FAIL", "PRUNED"]
+
+    runs = {r["config"]["trial"]: r for r in offline_runs(offline_wandb)}
+    assert len(runs) == 3
+    assert runs[failed.number]["exit_code"] == 1 and "failed" in runs[failed.number]["tags"]
+    assert runs[failed.number]["summary"]["state"] == "failed"
+    assert runs[good.number]["exit_code"] == 0 and runs[good.number]["summary"]["state"] == "complete"
+    assert runs[bad.number]["summary"]["state"] == "pruned" and "pruned" in runs[bad.number]["tags"]
+
+
+@pytest.mark.parametrize("text,message", [
+    (TINY + "serach: {lr: [1.0]}\n", "line 6, serach: unknown key"),
+    (TINY + "search:\n  lr: {type: log-float, low: 0, high: 1}\n", "line 7, search.lr: bad range"),
+    (TINY.replace("rnn-bptt", "transformer") + "search: {lr: [1.0]}\n", "line 2, model: unknown model 'transformer'"),
+    (TINY + "search: {lr: [1.0}\n", "line 6: not valid YAML"),
+    (TINY.replace("hidden_size", "hiden_size") + "search: {lr: [1.0]}\n",
+     "line 4, fixed.hiden_size: unknown hyper-parameter 'hiden_size' for rnn-bptt"),
+    (TINY + "grid: {classes: [10, 20]}\n", "line 6, grid.classes: classes applies to output=class"),
+    (TINY + "search: {lr: [1.0]}\ntrials: 0\n", "line 7, trials: must be a positive integer"),
+    (TINY + "search: {lr: [1.0]}\nbudget: {epochs: 2}\n", "line 7, budget: given twice"),
+    (TINY + "search: {lr: [1.0]}\nmetric: test_ppl\n", "line 7, metric: choose one of valid_ppl"),
+    (TINY.replace("corpus: synthetic", "corpus: ptbx") + "search: {lr: [1.0]}\n", "line 3, corpus: corpus must be"),
+], ids=["unknown-key", "bad-range", "unknown-model", "bad-yaml", "unknown-parameter", "bad-combination",
+        "zero-trials", "duplicate-key", "test-metric", "unknown-corpus"])
+def test_malformed_spec_exits_2_naming_key_and_line_and_writes_nothing(tmp_path, capsys, text, message):
+    spec = write_spec(tmp_path, text)
+    assert main(["sweep", str(spec), "--storage", f"sqlite:///{tmp_path}/results.db"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(spec) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "results.db").exists()
+
+
+def sweep_command(spec: Path, storage: str, *options: str) -> list[str]:
+    return [sys.executable, "-m", "bench.cli", "sweep", str(spec), "--storage", storage, "--no-wandb",
+            "--no-progress", *options]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_worker_killed_mid_trial_is_recovered_by_rerunning_the_command(tmp_path, capsys):
+    """Journal storage (no heartbeat): SIGKILL the worker while a trial runs; the rerun fails that trial,
+    requeues its parameters, and completes the study with exactly `trials` results."""
+    spec = write_spec(tmp_path, TINY.replace("minutes: 0.01", "minutes: 0.05") + """
+study: killed
+search:
+  lr: {type: log-float, low: 0.5, high: 5}
+pruner: none
+trials: 2
+""")
+    storage = f"journal:{tmp_path}/journal.log"
+    worker = subprocess.Popen(sweep_command(spec, storage), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and worker.poll() is None:
+            names = optuna.get_all_study_names(open_storage(storage)) if (tmp_path / "journal.log").exists() else []
+            running = names and optuna.load_study(study_name="killed", storage=open_storage(storage)).get_trials(
+                states=(TrialState.RUNNING,))
+            if running and "worker" in running[0].user_attrs:  # training has started
+                break
+            time.sleep(0.2)
+        assert worker.poll() is None, "the worker ended before a trial was seen running"
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    killed = optuna.load_study(study_name="killed", storage=open_storage(storage)).trials
+    assert [t.state for t in killed] == [TrialState.RUNNING]
+
+    assert main(sweep_command(spec, storage)[3:]) == 0
+    assert "trials 0: their worker is gone; failed and requeued" in capsys.readouterr().out
+    trials = optuna.load_study(study_name="killed", storage=open_storage(storage)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "fail_reason" not in trials[0].user_attrs
+    assert trials[1].params == killed[0].params and trials[1].system_attrs["failed_trial"] == 0
+    assert main(sweep_command(spec, storage)[3:]) == 0
+    assert "2 of 2 trials held, 0 to run" in capsys.readouterr().out
+
+
+def test_a_trial_started_after_the_study_is_full_is_surplus_and_stops_its_worker(tmp_path):
+    """The race of two workers for the last place: the later-numbered trial runs nothing and holds no place."""
+    spec = load_spec(write_spec(tmp_path, TINY + "search: {lr: [1.0]}\ntrials: 3\n"))
+    study = optuna.create_study()
+    for value in (1.0, 2.0):
+        study.add_trial(optuna.create_trial(value=value, user_attrs={"record": {}}))
+    last_place = study.ask()  # another worker's trial took the third and last place
+    study.optimize(Objective(spec, total=3, data_dir=None, wandb_mode="disabled", progress=False), n_trials=3,
+                   catch=(Exception,))
+    surplus = study.trials[-1]
+    assert len(study.trials) == 4 and last_place.number == 2 and surplus.number == 3  # it stopped its worker
+    assert surplus.state == TrialState.FAIL and "surplus" in surplus.user_attrs and not surplus.params
+    assert places_taken(study) == 3  # two complete, one running; the surplus trial holds none
+
+
+def postgres_url() -> str:
+    """The PostgreSQL server of BENCH_TEST_POSTGRES_URL (.ci/run starts one); skip visibly without it."""
+    url = os.environ.get("BENCH_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL: set BENCH_TEST_POSTGRES_URL (.ci/run starts a server and sets it)")
+    try:
+        open_storage(url)
+    except Exception as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL at BENCH_TEST_POSTGRES_URL unreachable: {error}")
+    return url
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_two_workers_share_one_study_and_count_every_trial_once(tmp_path, backend):
+    """journal: one command with --n-jobs 2; PostgreSQL: two commands, as on two machines."""
+    spec = write_spec(tmp_path, TINY.replace("minutes: 0.01", "minutes: 0.02") + f"""
+study: shared-{os.getpid()}-{time.time_ns()}
+search:
+  lr: {{type: log-float, low: 0.5, high: 5}}
+  activation: [sigmoid, tanh]
+pruner: none
+trials: 4
+""")
+    if backend == "journal":
+        storage = f"journal:{tmp_path}/journal.log"
+        commands = [sweep_command(spec, storage, "--n-jobs", "2")]
+    else:
+        storage = postgres_url()
+        commands = [sweep_command(spec, storage)] * 2
+    workers = [subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for command in commands]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers), outputs
+    study = optuna.load_study(study_name=load_spec(spec).study, storage=open_storage(storage))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    others = [t for t in study.trials if t.state != TrialState.COMPLETE]
+    assert len(complete) == 4 and all("record" in t.user_attrs for t in complete)
+    assert all(t.state == TrialState.FAIL and "surplus" in t.user_attrs for t in others)  # a lost race, not run
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    workers_seen = {(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in complete}
+    assert len(workers_seen) == 2  # both processes ran trials
+    printed = [line for output in outputs for line in output.splitlines() if " COMPLETE: " in line]
+    assert sorted(int(line.split()[1]) for line in printed) == sorted(t.number for t in complete)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_is_valid_and_runs_a_tiny_trial(tmp_path, path, monkeypatch):
+    """Like lightning-hydra-template's experiment tests: each spec, one trial, one epoch cut at ~0.6 s."""
+    import dataclasses
+
+    from bench.errors import BenchError
+    from bench.harness import cached_corpus
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    spec = load_spec(path)
+    assert spec.trials >= 1 and spec.study == path.stem
+    try:
+        cached_corpus(spec.corpus, None)
+    except BenchError as error:
+        pytest.skip(f"spec valid; no trial: {error}")
+    counting = spec.model is not None and not REGISTRY[spec.model].neural  # Kneser-Ney: no epochs to cut short
+    tiny = spec if counting else dataclasses.replace(spec, budget={"max_epochs": 1, "max_minutes": 0.01},
+                                                     fixed={**spec.fixed, "eval_batch_size": 64})
+    table = run_sweep(tiny, trials=1, storage_url=f"sqlite:///{tmp_path}/r.db", progress=False)
+    assert table["state"].tolist() == ["COMPLETE"]
