@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench` (see README)."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s regress`, `nox -s report` (see README)."""
 
 import nox
 
@@ -21,3 +21,15 @@ def lint(session):
 def bench(session):
     """The main job: every model on the synthetic corpus, one comparison table."""
     session.run("bench", "run", *session.posargs)
+
+
+@nox.session
+def regress(session):
+    """Regression benchmarks against reports/baseline.json; `nox -s regress -- --update` rewrites the baseline."""
+    session.run("bench", "regress", *session.posargs)
+
+
+@nox.session
+def report(session):
+    """Tables, plots, Markdown/HTML/CSV (and W&B) from the results database: `bench report`."""
+    session.run("bench", "report", *session.posargs)

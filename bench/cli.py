@@ -31,6 +31,7 @@ def common_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     from bench.data import CORPORA
     from bench.models import REGISTRY
+    from bench.regress import MIN_TIMED_SECONDS, QUALITY_BATCHES
 
     parser = Parser(prog="bench", description="Language-model benchmark suite (Mikolov et al. 2011 and beyond).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -69,6 +70,23 @@ def build_parser() -> Parser:
     report.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
     report.add_argument("--project", help="W&B project (default: $WANDB_PROJECT, else bench)")
     report.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
+
+    regress = commands.add_parser("regress", help="re-run the fixed regression set and compare it with the baseline "
+                                                  "(exit 1 on a regression)")
+    regress.add_argument("--baseline", default="reports/baseline.json",
+                         help="baseline JSON (default: reports/baseline.json)")
+    regress.add_argument("--update", action="store_true", help="rewrite the baseline from this run")
+    regress.add_argument("--models", nargs="+", help="only these models (default: every model of the registry)")
+    regress.add_argument("--out", default="reports/regress",
+                         help="folder of result.json and summary.md (default: reports/regress)")
+    regress.add_argument("--batches", type=int, default=QUALITY_BATCHES,
+                         help=f"training batches per epoch of the synthetic runs (default: {QUALITY_BATCHES}; the "
+                              "baseline must have been made with the same)")
+    regress.add_argument("--repeats", type=int, default=3, help="timed repetitions per model, median taken "
+                                                                "(default: 3)")
+    regress.add_argument("--speed-seconds", type=float, default=MIN_TIMED_SECONDS,
+                         help=f"CPU seconds of training steps timed per repetition (default: {MIN_TIMED_SECONDS})")
+    regress.add_argument("--data-dir", help="folder holding the corpora; with PTB there, a PTB slice is added")
     return parser
 
 
@@ -124,7 +142,17 @@ def command_sweep(args) -> None:
     print(table.to_string(index=False, na_rep="", float_format="{:.4g}".format))
 
 
-COMMANDS = {"train": command_train, "run": command_run, "sweep": command_sweep, "report": command_report}
+def command_regress(args) -> int:
+    from pathlib import Path
+
+    from bench.regress import regress
+
+    return regress(Path(args.baseline), Path(args.out), args.update, args.models, args.batches, args.repeats,
+                   args.speed_seconds, args.data_dir)
+
+
+COMMANDS = {"train": command_train, "run": command_run, "sweep": command_sweep, "report": command_report,
+            "regress": command_regress}
 
 
 def quiet_libraries() -> None:
@@ -143,14 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         quiet_libraries()
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args) or 0
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

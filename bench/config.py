@@ -55,6 +55,7 @@ HARNESS = {
     "clip": Param(float, 0.0, 1e9, help="gradient-norm clipping (0: off)"),
     "patience": Param(int, 0, 1000, help="epochs without improvement, after the LR-halving one, before stopping"),
     "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
+    "limit_train_batches": Param(int, 0, 10**9, help="training batches per epoch (0: all)"),
 }
 # Settings of the models; each model accepts those its registry entry sets, plus the shared ones.
 MODEL = {

@@ -119,6 +119,7 @@ def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = T
                   checkpoint_dir: str | None = None) -> pl.Trainer:
     return pl.Trainer(
         accelerator="auto", devices=1, max_epochs=config["max_epochs"],
+        limit_train_batches=config.get("limit_train_batches") or None,
         max_time=timedelta(minutes=config["max_minutes"]),
         gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
         callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
