@@ -7,6 +7,9 @@ import pytest
 os.environ.setdefault("BENCH_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing corpus fails at once instead of retrying the Hub
 os.environ.setdefault("WANDB_MODE", "offline")
+# One intra-op thread: tests measure no speed, and with torch's default two threads a test on a busy 2-core
+# machine waits at every OpenMP barrier (measured: one quick rnn-bp run 126 s with 2 threads, 7.9 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
