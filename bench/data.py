@@ -245,14 +245,15 @@ class LanguageModelData(pl.LightningDataModule):
 
     Scoring defaults to one stream, so every token is predicted from its whole history, as the rnnlm
     toolkit and n-gram toolkits score; with B > 1 streams, each stream after the first starts mid-text from
-    an empty state. Scoring needs no truncation, so it reads long chunks.
+    an empty state. Scoring needs no truncation, so it reads long chunks (at least `eval_bptt`, and no
+    shorter than the training chunks).
     """
 
     def __init__(self, corpus: Corpus, batch_size: int, bptt: int, eval_batch_size: int = 1,
                  eval_bptt: int = 256):
         super().__init__()
         self.corpus, self.batch_size, self.bptt = corpus, batch_size, bptt
-        self.eval_batch_size, self.eval_bptt = eval_batch_size, eval_bptt
+        self.eval_batch_size, self.eval_bptt = eval_batch_size, max(eval_bptt, bptt)
 
     def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader:
         chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, bptt)
