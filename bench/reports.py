@@ -49,7 +49,7 @@ PAPER_TABLE3 = pd.DataFrame({
 })
 SPEED, PERPLEXITY = "train tokens/s", "test ppl (NN)"  # leaderboard columns of the speed plot
 # Record figures the tables read; a column of missing values where no run has them (e.g. taggers only).
-FIGURES = ("valid_ppl", "test_ppl", "nn_kn_test_ppl", "valid_f1", "test_f1", "tokens_per_second",
+FIGURES = ("epochs", "valid_ppl", "test_ppl", "nn_kn_test_ppl", "valid_f1", "test_f1", "tokens_per_second",
            "minutes_per_epoch", "test_seconds", "git_commit", "device")
 OUTPUTS = ("leaderboard.csv", "taggers.csv", "table2.csv", "table3.csv", "speed.png", "classes.png", "epochs.png",
            "README.md", "index.html")
@@ -187,7 +187,8 @@ def table3(best: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame({
         "corpus": runs["corpus"],
         "classes": [f"{c:.0f}" if output == "class" else "full" for c, output in zip(runs["classes"], runs["output"])],
-        "test ppl": runs["test_ppl"], "min/epoch": runs["minutes_per_epoch"], "test s": runs["test_seconds"],
+        "epochs": runs["epochs"], "test ppl": runs["test_ppl"], "min/epoch": runs["minutes_per_epoch"],
+        "test s": runs["test_seconds"],
     })
     order = table["classes"].map(lambda c: np.inf if c == "full" else float(c))
     table = table.assign(_order=order, _ptb=table["corpus"] != "ptb").sort_values(["_ptb", "corpus", "_order"])
