@@ -32,10 +32,36 @@ def detach(state):
     return state.detach()
 
 
-class LanguageModel(pl.LightningModule):
-    """Training and evaluation loop of every left-to-right language model."""
+class ScoredModel(pl.LightningModule):
+    """What every model of the registry shares with Lightning: a scoring pass per stage, opened by
+    `_start(stage)` and closed by `_end(stage)`, and its optimizer (hyper-parameters `optimizer`, `lr`)."""
 
     MONITOR, MODE = "val_ppl", "min"  # the validation metric that early stopping, checkpoints and sweeps watch
+
+    def _start(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def _end(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self):
+        self._start("val")
+
+    def on_validation_epoch_end(self):
+        self._end("val")
+
+    def on_test_epoch_start(self):
+        self._start("test")
+
+    def on_test_epoch_end(self):
+        self._end("test")
+
+    def configure_optimizers(self):
+        return configure_optimizer(self, self.hparams.optimizer, self.hparams.lr, self.MONITOR, self.MODE)
+
+
+class LanguageModel(ScoredModel):
+    """Training and evaluation loop of every left-to-right language model."""
 
     def __init__(self, vocab: Vocabulary, output_size: int | None, *, output: str = "full", optimizer: str = "sgd",
                  lr: float = 0.1, **output_options):
@@ -102,18 +128,6 @@ class LanguageModel(pl.LightningModule):
     def on_train_epoch_end(self):
         self._end("train")
 
-    def on_validation_epoch_start(self):
-        self._start("val")
-
-    def on_validation_epoch_end(self):
-        self._end("val")
-
-    def on_test_epoch_start(self):
-        self._start("test")
-
-    def on_test_epoch_end(self):
-        self._end("test")
-
     def scored_token_nll(self, stage: str) -> np.ndarray:
         """-log p of every token of the last scored split ("val" or "test") in corpus order; needs
         keep_token_nll while scoring. Chunks are columns of the B streams: join them, then read stream by
@@ -121,9 +135,6 @@ class LanguageModel(pl.LightningModule):
         nll = torch.cat([n for n, _ in self.token_nll[stage]], dim=1).reshape(-1)
         mask = torch.cat([m for _, m in self.token_nll[stage]], dim=1).reshape(-1)
         return nll[mask].cpu().numpy()
-
-    def configure_optimizers(self):
-        return configure_optimizer(self, self.hparams.optimizer, self.hparams.lr, self.MONITOR, self.MODE)
 
     def results(self, epochs: int) -> dict:
         """The record's figures: perplexities (valid: the best epoch, whose weights were tested) and the

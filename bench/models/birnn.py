@@ -19,7 +19,6 @@ or the metrics. Scores: span-level precision, recall and F1 of the chunks as con
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 from seqeval.metrics import f1_score, precision_score, recall_score
 from torch import nn
@@ -27,7 +26,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from bench.errors import BenchError
-from bench.models.base import configure_optimizer
+from bench.models.base import ScoredModel
 
 STAGES = ("train", "val", "test")
 
@@ -39,7 +38,7 @@ def span_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, 
             "f1": float(f1_score(gold, predicted)), "accuracy": sum(g == p for g, p in pairs) / len(pairs)}
 
 
-class BiRNNTagger(pl.LightningModule):
+class BiRNNTagger(ScoredModel):
     MONITOR, MODE = "val_f1", "max"  # the validation metric that early stopping, checkpoints and sweeps watch
 
     def __init__(self, vocab_size: int, tags: list[str], cell: str = "lstm", embedding_size: int = 100,
@@ -122,21 +121,6 @@ class BiRNNTagger(pl.LightningModule):
         total, count = self._train_loss
         if count:
             self.log("train_loss", total / count, prog_bar=True)
-
-    def on_validation_epoch_start(self):
-        self._start("val")
-
-    def on_validation_epoch_end(self):
-        self._end("val")
-
-    def on_test_epoch_start(self):
-        self._start("test")
-
-    def on_test_epoch_end(self):
-        self._end("test")
-
-    def configure_optimizers(self):
-        return configure_optimizer(self, self.hparams.optimizer, self.hparams.lr, self.MONITOR, self.MODE)
 
     def results(self, epochs: int) -> dict:
         """The record's figures: F1 (valid: the best epoch, whose weights were tested), precision, recall,
