@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from bench.errors import BenchError
+from bench.models import TASK_METRICS
 
 TIGHT, LOOSE = 1e-4, 1e-2  # relative quality tolerance: same torch and cpu capability / otherwise
 SPEED_THRESHOLD = 0.15  # relative drop of the speed ratio that counts as a regression on the baseline's CPU model
@@ -50,7 +51,6 @@ SPEED = dict(max_epochs=1, kn_order=0, eval_batch_size=16)  # scoring is not tim
 PTB = {"kn": {}, "rnn-bptt": dict(output="class", classes=100), "lstm": dict(output="adaptive")}
 PTB_BUDGET = dict(max_epochs=1, limit_train_batches=200)
 FIGURES = {"lm": ("valid_ppl", "test_ppl", "nn_kn_test_ppl"), "tagging": ("valid_f1", "test_f1")}
-HIGHER_IS_BETTER = {"lm": False, "tagging": True}
 SPEED_FIGURE = "speed ratio"
 FAILING = ("REGRESSION", "config changed")
 # glibc hands big freed buffers back to the kernel and maps them again on the next step (timings on the
@@ -302,7 +302,7 @@ def compare(baseline: dict, current: dict) -> pd.DataFrame:
         if changed:
             rows.append(dict(run=name, figure="configuration", verdict="config changed", detail=changed))
             continue
-        higher = HIGHER_IS_BETTER[new["task"]]
+        higher = TASK_METRICS[new["task"]][2] == "maximize"
         for figure in new["quality"]:
             if figure not in old["quality"]:
                 rows.append(dict(run=name, figure=figure, now=new["quality"][figure], verdict="new"))

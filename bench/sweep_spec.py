@@ -29,7 +29,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from bench.config import make_config
 from bench.errors import BenchError
-from bench.models import REGISTRY
+from bench.models import REGISTRY, TASK_METRICS
 
 SPEC_KEYS = {
     "study": "study name (default: the file name)",
@@ -55,8 +55,6 @@ BUDGET = {"epochs": "max_epochs", "minutes": "max_minutes"}
 # Per task: the record figures a sweep may optimise (validation only: test figures are never chosen on),
 # with their direction, and the metric logged every epoch that the pruner watches.
 METRICS = {"lm": {"valid_ppl": "minimize", "nn_kn_valid_ppl": "minimize"}, "tagging": {"valid_f1": "maximize"}}
-EPOCH_METRIC = {"lm": "val_ppl", "tagging": "val_f1"}
-VALIDATION_METRIC = {"lm": "valid_ppl", "tagging": "valid_f1"}
 CONFIGURATION = "configuration"  # the grid parameter of a union-of-products grid
 OWN_KEYS = {"corpus": "corpus", "max_epochs": "budget.epochs", "max_minutes": "budget.minutes"}
 
@@ -85,7 +83,7 @@ class SweepSpec:
 
     @property
     def epoch_metric(self) -> str:
-        return EPOCH_METRIC[self.task]
+        return TASK_METRICS[self.task][1]
 
     @property
     def grid_size(self) -> int | None:
@@ -252,9 +250,10 @@ class SpecReader:
         pruner, pruner_options = self.read_choice("pruner", PRUNERS, "none" if grid_space else "median")
         if (sampler == "grid") != bool(grid_space):
             raise self.fail(("sampler",), "the grid sampler runs a grid (grid:); a search space needs tpe or random")
-        if pruner != "none" and metric != VALIDATION_METRIC[task]:
-            raise self.fail(("pruner",), f"the pruner watches {EPOCH_METRIC[task]} every epoch, so it needs "
-                                         f"metric {VALIDATION_METRIC[task]}; set pruner: none")
+        validation, epoch_metric, _ = TASK_METRICS[task]
+        if pruner != "none" and metric != validation:
+            raise self.fail(("pruner",), f"the pruner watches {epoch_metric} every epoch, so it needs "
+                                         f"metric {validation}; set pruner: none")
         definition = {k: v for k, v in self.data.items() if k not in ("trials", "project")}
         spec = dataclasses.replace(
             spec, metric=metric, direction=direction, sampler=sampler, sampler_options=sampler_options,
@@ -423,7 +422,7 @@ class SpecReader:
         return ("grid",) if "grid" in self.data else ("model",)
 
     def read_metric(self, task: str, configs: list[dict]) -> tuple[str, str]:
-        metric = self.data.get("metric", VALIDATION_METRIC[task])
+        metric = self.data.get("metric", TASK_METRICS[task][0])
         if metric not in METRICS[task]:
             raise self.fail(("metric",), f"choose one of {', '.join(METRICS[task])} (validation figures of "
                                          f"{task} records), got {metric!r}")

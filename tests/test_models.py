@@ -75,3 +75,10 @@ def test_test_perplexity_is_exp_mean_nll_of_every_token(tiny_ptb):
         log_p = model.output.log_probs(hidden[0]).double()
     expected = torch.exp(-log_p[torch.arange(len(ids)), ids].mean()).item()
     assert result[0]["test_ppl"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_each_module_logs_the_metric_its_task_is_selected_on(name):
+    spec = REGISTRY[name]
+    assert spec.module.MONITOR == spec.monitor and spec.metric.endswith(spec.monitor.removeprefix("val_"))
+    assert spec.module.MODE == {"minimize": "min", "maximize": "max"}[spec.direction]

@@ -15,6 +15,9 @@ from bench.models.ffnn import FeedForwardLM
 from bench.models.kneser_ney import KneserNeyLM
 from bench.models.recurrent import RecurrentLM
 
+# Per task: the record's validation figure, the epoch metric the modules log for it, its Optuna direction.
+TASK_METRICS = {"lm": ("valid_ppl", "val_ppl", "minimize"), "tagging": ("valid_f1", "val_f1", "maximize")}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -28,12 +31,17 @@ class ModelSpec:
     @property
     def metric(self) -> str:
         """The record's validation figure that selects runs: lower perplexity, or higher F1 for taggers."""
-        return "valid_f1" if self.task == "tagging" else "valid_ppl"
+        return TASK_METRICS[self.task][0]
+
+    @property
+    def monitor(self) -> str:
+        """The metric the module logs after every validation epoch (its MONITOR)."""
+        return TASK_METRICS[self.task][1]
 
     @property
     def direction(self) -> str:
         """Optuna's direction for `metric`."""
-        return "maximize" if self.task == "tagging" else "minimize"
+        return TASK_METRICS[self.task][2]
 
 
 REGISTRY: dict[str, ModelSpec] = {
