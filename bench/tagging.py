@@ -161,7 +161,7 @@ def load_tagged_corpus(name: str, data_dir: str | Path | None = None, seed: int 
     tag_id = {tag: i for i, tag in enumerate(tags)}
 
     def encode(sentence: Sentence) -> tuple[np.ndarray, np.ndarray]:
-        return (np.array([word_id.get(w, 1) for w in sentence[0]], dtype=np.int64),
+        return (np.array([word_id.get(w, word_id[UNK]) for w in sentence[0]], dtype=np.int64),
                 np.array([tag_id[t] for t in sentence[1]], dtype=np.int64))
 
     splits = {split: [encode(s) for s in sentences[split]] for split in SPLITS}
