@@ -49,7 +49,7 @@ HARNESS = {
     "seed": Param(int, 0, 2**31 - 1, help="seed of every random choice (data order, initialisation)"),
     "batch_size": Param(int, 1, 1_000_000, help="parallel streams per batch"),
     "bptt": Param(int, 1, 100_000, help="steps per chunk (truncated BPTT length)"),
-    "eval_batch_size": Param(int, 1, 1_000_000, help="parallel streams when scoring (1: every token has its history)"),
+    "eval_batch_size": Param(int, 1, 1_000_000, help="parallel streams when scoring (the scores equal one stream's)"),
     "max_epochs": Param(int, 1, 10_000, help="epoch budget"),
     "max_minutes": Param(float, 0.01, 1e6, help="wall-clock training budget in minutes"),
     "clip": Param(float, 0.0, 1e9, help="gradient-norm clipping (0: off)"),
@@ -82,7 +82,7 @@ LM_KEYS = ("bptt", "eval_batch_size")
 NEURAL_LM_KEYS = ("output", "classes", "class_binning", "cutoffs", "div_value", "kn_order")
 OUTPUT_OPTIONS = {"classes": "class", "class_binning": "class", "cutoffs": "adaptive", "div_value": "adaptive"}
 QUICK_DEFAULTS = dict(kn_order=5)  # the quick suite shows every neural model's NN+KN column
-HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=1, max_epochs=20, max_minutes=60.0,
+HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=16, max_epochs=20, max_minutes=60.0,
                         clip=0.0, patience=1, kn_order=0, output="full")
 
 

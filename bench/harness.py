@@ -56,7 +56,8 @@ class SpeedMonitor(pl.Callback):
     def on_test_epoch_start(self, trainer, pl_module):
         self._test_start = time.perf_counter()
 
-    def on_test_epoch_end(self, trainer, pl_module):
+    def on_test_end(self, trainer, pl_module):
+        # not on_test_epoch_end: callbacks' epoch-end hooks run before the module's, which joins the streams
         self.test_seconds = time.perf_counter() - self._test_start
 
 
@@ -147,7 +148,6 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint.
         best = "best" if checkpoint.best_model_path else None
         if interpolate:  # per-token scores of the best weights on valid and test, for NN+KN
-            model.keep_token_nll = True
             trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
         trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
     record = {"model": config["model"], "corpus": config["corpus"], **model.results(len(speed.train_seconds))}

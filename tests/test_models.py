@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bench.config import make_config, model_arguments
-from bench.data import LanguageModelData, Vocabulary, load_corpus
-from bench.models import REGISTRY
+from bench.data import Corpus, LanguageModelData, Vocabulary, load_corpus
+from bench.models import REGISTRY, base
 from bench.models.elman import ElmanLM
 
 VOCAB = Vocabulary(words=["<eos>", *"abcdefg"], counts=np.array([50, 30, 20, 10, 5, 3, 2, 1]))
@@ -45,6 +45,21 @@ def test_bp_and_bptt_compute_the_same_forward_values():
     torch.testing.assert_close(s_bp, s_bptt)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("backprop", ["bp", "bptt"])
+def test_elman_scoring_recurrence_equals_the_training_loop(backprop, activation):
+    torch.manual_seed(0)
+    model = ElmanLM(VOCAB, backprop=backprop, hidden_size=16, activation=activation).double()
+    inputs = torch.randint(0, len(VOCAB), (3, 40))
+    state = torch.rand(3, 16, dtype=torch.float64)
+    trained, trained_last = model(inputs, state)
+    model.eval()  # scoring: torch's fused RNN loop (sigmoid through tanh)
+    scored, scored_last = model(inputs, state)
+    torch.testing.assert_close(scored, trained, rtol=0, atol=1e-12)
+    torch.testing.assert_close(scored_last, trained_last, rtol=0, atol=1e-12)
+    assert torch.equal(scored[:, -1], scored_last)
+
+
 @pytest.mark.parametrize("name", [name for name, spec in REGISTRY.items() if spec.task == "lm"])
 def test_chunked_scoring_with_carried_state_equals_scoring_the_whole_stream(name):
     torch.manual_seed(0)
@@ -61,12 +76,54 @@ def test_chunked_scoring_with_carried_state_equals_scoring_the_whole_stream(name
     torch.testing.assert_close(torch.cat(parts, dim=1), whole)
 
 
+@pytest.mark.parametrize("name", ["ffnn", "rnn-bptt", "lstm"])
+def test_gradient_clipping_counts_the_sparse_embedding_rows(name):
+    torch.manual_seed(0)
+    model = build(name)
+    inputs, targets = torch.randint(0, len(VOCAB), (2, 5)), torch.randint(0, len(VOCAB), (2, 5))
+    nll, _ = model.nll(inputs, targets, model.init_state(2))
+    (nll.sum() * 10).backward()
+    grads = [p.grad.to_dense().clone() for p in model.parameters()]
+    assert any(p.grad.is_sparse for p in model.parameters())  # SGD: the embedding's rows only
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    model.configure_gradient_clipping(None, gradient_clip_val=float(total) * 2)  # below the limit: untouched
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad.to_dense(), g)
+    model.configure_gradient_clipping(None, gradient_clip_val=0.5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad.to_dense(), g * 0.5 / total)
+
+
+def score_in_streams(model, streams: int) -> float:
+    """Test perplexity of `model` on 301 random tokens of VOCAB, scored in `streams` parallel streams."""
+    ids = np.random.default_rng(3).integers(0, len(VOCAB), 301)
+    corpus = Corpus("random", VOCAB, {"train": ids, "valid": ids, "test": ids})
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    data = LanguageModelData(corpus, batch_size=2, bptt=3, eval_batch_size=streams, eval_tokens=7 * streams)
+    return trainer.test(model, data, verbose=False)[0]["test_ppl"]
+
+
+@pytest.mark.parametrize("name", [name for name, spec in REGISTRY.items() if spec.task == "lm"])
+def test_scoring_in_parallel_streams_equals_one_stream(name, monkeypatch):
+    torch.manual_seed(0)
+    model = build(name, **({"layers": 2} if name in ("gru", "lstm") else {}))
+    if name == "kn":
+        model.estimator.fit(np.random.default_rng(0).integers(0, len(VOCAB), 300))
+    one_stream = score_in_streams(model, 1)
+    for streams in (4, 13):
+        assert score_in_streams(model, streams) == pytest.approx(one_stream, rel=1e-6, abs=0)
+    monkeypatch.setattr(base, "STATE_TOLERANCE", -1.0)  # states never agree: every stream re-scored whole
+    assert score_in_streams(model, 13) == pytest.approx(one_stream, rel=1e-6, abs=0)
+    monkeypatch.setattr(model, "_join_streams", lambda stage: None)  # the test can tell the difference
+    assert score_in_streams(model, 13) != pytest.approx(one_stream, rel=1e-4, abs=0)
+
+
 def test_test_perplexity_is_exp_mean_nll_of_every_token(tiny_ptb):
     corpus = load_corpus("ptb", tiny_ptb)
     torch.manual_seed(0)
     model = REGISTRY["lstm"].module(corpus.vocab, cell="lstm", hidden_size=8, embedding_size=8, layers=1)
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    result = trainer.test(model, LanguageModelData(corpus, batch_size=2, bptt=3, eval_bptt=4), verbose=False)
+    result = trainer.test(model, LanguageModelData(corpus, batch_size=2, bptt=3, eval_tokens=4), verbose=False)
     # By hand: one stream, the whole test split at once, first input the leading <eos>.
     ids = torch.from_numpy(corpus.splits["test"])
     inputs = torch.cat([torch.tensor([corpus.vocab.eos]), ids[:-1]]).unsqueeze(0)

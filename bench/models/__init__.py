@@ -46,8 +46,10 @@ class ModelSpec:
 
 REGISTRY: dict[str, ModelSpec] = {
     # Long chunks: counting and scoring are vectorised over a chunk, so fewer, longer chunks spend less time
-    # in the training loop (measured on PTB: 256-token chunks made the loop 8x slower than the counting).
-    "kn": ModelSpec(KneserNeyLM, defaults=dict(order=5, bptt=16384, batch_size=1, max_epochs=1), neural=False),
+    # in the training loop (measured on PTB: 256-token chunks made the loop 8x slower than the counting);
+    # one stream, as parallel streams would each be re-scored whole (see bench.models.base).
+    "kn": ModelSpec(KneserNeyLM, defaults=dict(order=5, bptt=16384, batch_size=1, eval_batch_size=1, max_epochs=1),
+                    neural=False),
     "ffnn": ModelSpec(
         FeedForwardLM,
         defaults=dict(order=5, embedding_size=60, hidden_size=200, activation="tanh", optimizer="sgd", lr=0.1,

@@ -10,6 +10,16 @@ built-in truncated BPTT). Subclasses define
 
 and the output layer (bench.models.output_layers) turns hidden vectors into -log p(target). Perplexity is
 exp of the mean per-token cross-entropy over every token, <eos> included, summed in float64.
+
+Scoring in B parallel streams is exact: it gives the scores of one stream read from the start (to float
+rounding), B times fewer sequential steps later. Stream b > 0 starts mid-text from an empty state, so its
+first chunks are scored again from the state stream b-1 ended in, chunk after chunk, until the state
+agrees with the parallel run's (models forget their start: an n-gram after n-1 words, a trained recurrent
+network within tens of words); from there on the parallel scores are the one-stream scores.
+
+    stream 0   |=================|                 exact from the start
+    stream 1                     |xx===============|  xx: re-scored from stream 0's last state
+    stream 2                                       |x=================|
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from bench.errors import BenchError
 from bench.models.output_layers import build_output_layer
 
 STAGES = ("train", "val", "test")
+STATE_TOLERANCE = 1e-5  # states this close (max abs difference) count as the same when joining streams
 
 
 def detach(state):
@@ -30,6 +41,19 @@ def detach(state):
     if isinstance(state, tuple):
         return tuple(detach(s) for s in state)
     return state.detach()
+
+
+def stream_state(state, stream: int, dim: int):
+    """Stream `stream`'s part of a batched state, keeping the batch dimension `dim` (of length 1)."""
+    if isinstance(state, tuple):
+        return tuple(stream_state(s, stream, dim) for s in state)
+    return state.narrow(dim, stream, 1)
+
+
+def same_state(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all(same_state(x, y) for x, y in zip(a, b))
+    return bool((a.double() - b.double()).abs().max() <= STATE_TOLERANCE) if a.numel() else True
 
 
 class ScoredModel(pl.LightningModule):
@@ -59,19 +83,38 @@ class ScoredModel(pl.LightningModule):
     def configure_optimizers(self):
         return configure_optimizer(self, self.hparams.optimizer, self.hparams.lr, self.MONITOR, self.MODE)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Scale the gradients down to a total norm of `clip` when they exceed it (the Trainer's
+        gradient_clip_val). By hand, because torch's clip_grad_norm_ refuses the sparse gradients of the
+        embeddings, and multiplies every gradient every step even when the norm is below the limit."""
+        if not gradient_clip_val:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+        if total > gradient_clip_val:
+            for g in grads:
+                g.mul_(gradient_clip_val / (float(total) + 1e-6))
+
 
 class LanguageModel(ScoredModel):
     """Training and evaluation loop of every left-to-right language model."""
+
+    STATE_BATCH_DIM = 0  # the dimension of the state that holds the streams
 
     def __init__(self, vocab: Vocabulary, output_size: int | None, *, output: str = "full", optimizer: str = "sgd",
                  lr: float = 0.1, **output_options):
         super().__init__()
         self.save_hyperparameters(ignore=["vocab"])
         self.eos = vocab.eos
+        # Under SGD the input embeddings' gradients are sparse, a row per word of the batch: a dense |V| x E
+        # gradient costs zeroing, clipping and updating every row every step (PTB, 640 tokens a step: the
+        # embedding's backward alone was 0.6 of 10 ms). torch's Adam takes dense gradients only.
+        self.sparse_embeddings = optimizer == "sgd"
         # output_size None: the model computes its probabilities itself (the n-gram model)
         self.output = output_size and build_output_layer(output, output_size, vocab.counts, **output_options)
-        self.keep_token_nll = False  # set by the harness when per-token scores are needed (NN+KN)
-        self.token_nll: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # per scoring stage, every chunk as (inputs, targets, mask, -log p, state after it)
+        self._scored: dict[str, list[tuple]] = {}
         self._state = dict.fromkeys(STAGES)
         self._sums = {stage: [0.0, 0] for stage in STAGES}
         # Exact (float64) perplexity of every scoring pass, per stage; self.log rounds to float32.
@@ -91,19 +134,40 @@ class LanguageModel(ScoredModel):
         state = self._state[stage]
         state = self.init_state(inputs.shape[0]) if state is None else detach(state)
         nll, self._state[stage] = self.nll(inputs, targets, state)
+        if stage != "train":  # summed once the streams are joined (_end)
+            self._scored[stage].append((inputs, targets, mask, nll.detach(), detach(self._state[stage])))
+            return None
         sums = self._sums[stage]
         sums[0] += nll.detach()[mask].double().sum().item()
         sums[1] += int(mask.sum())
-        if self.keep_token_nll and stage != "train":
-            self.token_nll[stage].append((nll.detach().double(), mask))
         return nll[mask].mean()
+
+    def _join_streams(self, stage: str) -> None:
+        """Re-score the start of every stream after the first from the previous stream's last state, until
+        the state agrees with the parallel run's (see the module docstring)."""
+        chunks, dim = self._scored[stage], self.STATE_BATCH_DIM
+        previous_end = stream_state(chunks[-1][4], 0, dim)
+        for stream in range(1, chunks[0][0].shape[0]):
+            state = previous_end
+            for inputs, targets, _, nll, parallel_state in chunks:
+                exact, state = self.nll(inputs[stream:stream + 1], targets[stream:stream + 1], state)
+                nll[stream] = exact[0]
+                if same_state(state, stream_state(parallel_state, stream, dim)):
+                    previous_end = stream_state(chunks[-1][4], stream, dim)
+                    break
+            else:
+                previous_end = state
 
     def _start(self, stage: str) -> None:
         self._state[stage] = None
         self._sums[stage] = [0.0, 0]
-        self.token_nll[stage] = []
+        self._scored[stage] = []
 
     def _end(self, stage: str) -> None:
+        if stage != "train" and self._scored[stage]:
+            self._join_streams(stage)
+            nll, mask = self._scored_stream(stage)
+            self._sums[stage] = [float(nll[mask].double().sum()), int(mask.sum())]
         total, count = self._sums[stage]
         if count:
             perplexity = float(np.exp(total / count))
@@ -128,13 +192,17 @@ class LanguageModel(ScoredModel):
     def on_train_epoch_end(self):
         self._end("train")
 
+    def _scored_stream(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log p and mask of every position of the last scoring pass of `stage`, in corpus order. Chunks are
+        columns of the B streams: join them, then read stream by stream (see bench.data)."""
+        nll = torch.cat([chunk[3] for chunk in self._scored[stage]], dim=1).reshape(-1)
+        mask = torch.cat([chunk[2] for chunk in self._scored[stage]], dim=1).reshape(-1)
+        return nll, mask
+
     def scored_token_nll(self, stage: str) -> np.ndarray:
-        """-log p of every token of the last scored split ("val" or "test") in corpus order; needs
-        keep_token_nll while scoring. Chunks are columns of the B streams: join them, then read stream by
-        stream (see bench.data)."""
-        nll = torch.cat([n for n, _ in self.token_nll[stage]], dim=1).reshape(-1)
-        mask = torch.cat([m for _, m in self.token_nll[stage]], dim=1).reshape(-1)
-        return nll[mask].cpu().numpy()
+        """-log p of every token of the last scored split ("val" or "test") in corpus order."""
+        nll, mask = self._scored_stream(stage)
+        return nll[mask].double().cpu().numpy()
 
     def results(self, epochs: int) -> dict:
         """The record's figures: perplexities (valid: the best epoch, whose weights were tested) and the

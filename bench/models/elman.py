@@ -10,6 +10,14 @@ Training (Mikolov et al. 2011, Table 2: "RNN trained by BP" vs "by BPTT"):
         batched: run the recurrence once without gradient to get every h_{t-1}, then recompute all steps
         from their detached predecessors in one call.
   bptt: truncated backpropagation through time over the `bptt` steps of each chunk.
+
+Scoring runs the same recurrence through torch's C++ RNN loop (torch.rnn_tanh / rnn_relu), which takes
+sigmoid cells too through the identity sigmoid(a) = (1 + tanh(a / 2)) / 2: with g = 2h - 1,
+
+    g_t = tanh(U x_t / 2 + (b / 2 + W 1 / 4) + (W / 4) g_{t-1}),   h_t = (g_t + 1) / 2.
+
+One stream of 4,096 steps (hidden 200): 7 us a step instead of 14 for the Python loop. Training keeps the
+loop, which is faster over a few steps (bptt 5, 32 streams: 0.14 against 0.30 ms).
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ class ElmanLM(LanguageModel):
                  activation: str = "sigmoid", **options):
         super().__init__(vocab, hidden_size, **options)
         self.backprop = backprop
-        self.input = nn.Embedding(len(vocab), hidden_size)  # U, one column per word
+        self.input = nn.Embedding(len(vocab), hidden_size, sparse=self.sparse_embeddings)  # U, one column per word
         self.recurrent = nn.Linear(hidden_size, hidden_size)  # W and b
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
 
     def init_state(self, batch_size: int) -> torch.Tensor:
@@ -39,6 +48,8 @@ class ElmanLM(LanguageModel):
 
     def recur(self, ux: torch.Tensor, state: torch.Tensor):
         """Hidden states (B, T, H) from the input projections U x_t (B, T, H) and h_0 = state."""
+        if not self.training:
+            return self._fused_unroll(ux, state)
         if self.backprop == "bp":
             with torch.no_grad():
                 states, _ = self._unroll(ux, state)
@@ -53,3 +64,16 @@ class ElmanLM(LanguageModel):
             h = self.activation(ux[:, t] + self.recurrent(h))
             states.append(h)
         return torch.stack(states, dim=1), h
+
+    def _fused_unroll(self, ux: torch.Tensor, h: torch.Tensor):
+        """_unroll through torch's C++ RNN loop (see the module docstring for the sigmoid identity)."""
+        weight, bias = self.recurrent.weight, self.recurrent.bias
+        identity = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)  # U x_t is the input
+        if self.activation_name == "sigmoid":
+            ux, bias, weight, h = ux / 2, bias / 2 + weight.sum(1) / 4, weight / 4, 2 * h - 1
+        run = torch.rnn_relu if self.activation_name == "relu" else torch.rnn_tanh
+        states, last = run(ux + bias, h.unsqueeze(0).contiguous(), [identity, weight], False, 1, 0.0, False,
+                           False, True)
+        if self.activation_name == "sigmoid":
+            states, last = (states + 1) / 2, (last + 1) / 2
+        return states, last[0]

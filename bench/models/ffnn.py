@@ -28,7 +28,7 @@ class FeedForwardLM(LanguageModel):
                  activation: str = "tanh", **options):
         super().__init__(vocab, hidden_size, **options)
         self.context = order - 1
-        self.embedding = nn.Embedding(len(vocab), embedding_size)
+        self.embedding = nn.Embedding(len(vocab), embedding_size, sparse=self.sparse_embeddings)
         self.hidden = nn.Linear(self.context * embedding_size, hidden_size)
         self.activation = ACTIVATIONS[activation]
 

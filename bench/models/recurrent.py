@@ -25,10 +25,12 @@ CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
 class RecurrentLM(LanguageModel):
+    STATE_BATCH_DIM = 1  # torch's RNN states are (layers, batch, hidden)
+
     def __init__(self, vocab: Vocabulary, cell: str = "lstm", embedding_size: int = 200, hidden_size: int = 200,
                  layers: int = 2, dropout: float = 0.0, tie_weights: bool = False, **options):
         super().__init__(vocab, hidden_size, **options)
-        self.embedding = nn.Embedding(len(vocab), embedding_size)
+        self.embedding = nn.Embedding(len(vocab), embedding_size, sparse=self.sparse_embeddings and not tie_weights)
         self.rnn = CELLS[cell](embedding_size, hidden_size, num_layers=layers, batch_first=True,
                                dropout=dropout if layers > 1 else 0.0)
         self.drop = nn.Dropout(dropout)
