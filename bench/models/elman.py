@@ -60,8 +60,10 @@ class ElmanLM(LanguageModel):
 
     def _unroll(self, ux: torch.Tensor, h: torch.Tensor):
         states = []
-        for t in range(ux.shape[1]):
-            h = self.activation(ux[:, t] + self.recurrent(h))
+        # unbind, not ux[:, t]: each slice's backward fills a zero (B, T, H) gradient, unbind's is one stack
+        # (PTB, class layer C = 100, 128 streams, 1 thread: a training step 14.0 -> 13.2 ms, median of 6)
+        for x in ux.unbind(1):
+            h = self.activation(x + self.recurrent(h))
             states.append(h)
         return torch.stack(states, dim=1), h
 
