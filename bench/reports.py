@@ -4,7 +4,9 @@ Reports read only the Optuna storage (bench.store): the COMPLETE trials of the c
 (`study.trials_dataframe()`) and the run record each trial carries (`user_attrs["record"]`).
 
 Best per configuration. A configuration is model + corpus + output layer (+ class count when the output
-layer is class-based); everything else (learning rate, hidden size, seed, ...) is what a study searched.
+layer is class-based); for taggers model + corpus + cell, depth and direction (TAGGER_ARCHITECTURE), so a
+depth or cell study keeps a row per architecture; everything else (learning rate, hidden size, seed, ...)
+is what a study searched.
 Of the runs of one configuration, across all reported studies, the report keeps the one with the lowest
 validation perplexity (language models) or the highest validation F1 (taggers) -- never chosen on test
 figures; ties go to the most recent run.
@@ -33,7 +35,8 @@ from bench.errors import BenchError
 from bench.store import DEFAULT_STORAGE, open_storage, redact
 from bench.tables import leaderboard, tagger_table
 
-CONFIGURATION = ["task", "model", "corpus", "output", "classes"]
+TAGGER_ARCHITECTURE = ("cell", "layers", "bidirectional")
+CONFIGURATION = ["task", "model", "corpus", "output", "classes", *TAGGER_ARCHITECTURE]
 TABLE2_ROWS = {"kn": "KN5", "ffnn": "feed-forward", "rnn-bp": "RNN-BP", "rnn-bptt": "RNN-BPTT", "gru": "GRU",
                "lstm": "LSTM"}
 # Mikolov et al. 2011, Table 2: PTB test perplexity (NN alone, NN+KN5); LSTM 2x200 without dropout from
@@ -90,9 +93,11 @@ def load_runs(storage_url: str | None = None, studies: list[str] | None = None) 
                 continue
             config = record.get("config") or {}
             output = config.get("output", "")
+            task = "tagging" if "test_f1" in record else "lm"
             rows.append({
                 **{k: v for k, v in record.items() if np.isscalar(v) or v is None},
-                "task": "tagging" if "test_f1" in record else "lm",
+                **{key: config.get(key) if task == "tagging" else None for key in TAGGER_ARCHITECTURE},
+                "task": task,
                 "output": output, "classes": config.get("classes") if output == "class" else None,
                 "study": name, "trial": trial.number, "completed": trial.datetime_complete, "record": record,
             })

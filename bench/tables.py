@@ -27,6 +27,9 @@ COLUMNS = {
 TAGGER_COLUMNS = {
     "model": "model",
     "corpus": "corpus",
+    "cell": "cell",
+    "layers": "layers",
+    "direction": "direction",
     "parameters": "params",
     "epochs": "epochs",
     "valid_f1": "valid F1",
@@ -45,7 +48,9 @@ def _table(records: list[dict], columns: dict) -> pd.DataFrame:
     for record in records:
         config = record.get("config") or {}
         classes = config.get("classes") if config.get("output") == "class" else None
-        rows.append({**record, "output": config.get("output", ""), "classes": "" if classes is None else str(classes)})
+        direction = {True: "both", False: "left to right"}.get(config.get("bidirectional"), "")
+        rows.append({**record, "output": config.get("output", ""), "classes": "" if classes is None else str(classes),
+                     "cell": config.get("cell", ""), "layers": config.get("layers", ""), "direction": direction})
     frame = pd.DataFrame(rows).reindex(columns=list(columns)).rename(columns=columns)
     empty = [column for column in frame if (frame[column] == "").all()]  # e.g. classes without a class layer
     return frame.drop(columns=empty).dropna(axis=1, how="all")

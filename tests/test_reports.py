@@ -71,6 +71,21 @@ def test_best_run_per_configuration_is_chosen_on_validation(storage_url):
     assert set(best_per_configuration(load_runs(storage_url, ["train-rnn-bptt-ptb"]))["corpus"]) == {"ptb"}
 
 
+def test_taggers_of_another_depth_cell_or_direction_are_other_configurations(tmp_path):
+    storage = open_storage(url := f"sqlite:///{tmp_path}/taggers.db")
+    for cell, layers, bidirectional, valid_f1 in [("elman", 1, True, 0.90), ("elman", 2, True, 0.91),
+                                                  ("elman", 2, True, 0.89), ("lstm", 2, True, 0.92),
+                                                  ("lstm", 2, False, 0.70)]:
+        config = {"model": "birnn", "cell": cell, "layers": layers, "bidirectional": bidirectional}
+        save_record({"model": "birnn", "corpus": "conll2000", "valid_f1": valid_f1, "test_f1": valid_f1,
+                     "config": config}, storage, "depth", metric="valid_f1")
+    best = best_per_configuration(load_runs(url))
+    assert sorted(best["valid_f1"]) == [0.70, 0.90, 0.91, 0.92]  # elman 2x: the better of its two runs
+    table = make_report(url, None, tmp_path / "out", use_wandb=False)["taggers"]
+    assert sorted(zip(table["cell"], table["layers"], table["direction"])) == [
+        ("elman", 1, "both"), ("elman", 2, "both"), ("lstm", 2, "both"), ("lstm", 2, "left to right")]
+
+
 def test_table2_lines_up_with_the_paper(storage_url):
     table = table2(best_per_configuration(load_runs(storage_url))).set_index("model")
     assert list(table.index) == ["KN5", "feed-forward", "RNN-BP", "RNN-BPTT", "GRU", "LSTM"]
