@@ -109,10 +109,33 @@ def library_versions() -> dict:
             "optuna": optuna.__version__, "numpy": np.__version__}
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory() -> None:
+    """Start this run's peak memory from the current use: a sweep runs its trials in one process, and the
+    process's lifetime peak would give every trial the largest trial's figure (Linux: writing 5 to
+    clear_refs resets VmHWM; elsewhere the figure stays the process's peak)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated on CUDA; the process's peak resident set size on CPU."""
+    """Peak GPU memory allocated on CUDA; on CPU the peak resident set size since reset_peak_memory (VmHWM),
+    or the process's peak where /proc has no VmHWM."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        status = PROC_STATUS.read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -132,6 +155,7 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
                    progress: bool = True) -> dict:
     """Train and evaluate one validated configuration (bench.config.make_config); return its record."""
     pl.seed_everything(config["seed"], verbose=False)
+    reset_peak_memory()
     data_dir = str(data_dir) if data_dir else None
     model, data = build(config, data_dir)
     speed = SpeedMonitor()

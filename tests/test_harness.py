@@ -6,7 +6,7 @@ import pytest
 
 from bench.config import make_config
 from bench.errors import BenchError
-from bench.harness import run_experiment
+from bench.harness import PROC_CLEAR_REFS, peak_memory_mb, run_experiment
 from bench.interpolation import mixture_perplexity, tune_interpolation
 from bench.models import REGISTRY
 from bench.models.kneser_ney import KneserNey
@@ -33,6 +33,15 @@ def test_record_holds_perplexities_speed_and_provenance(tiny_ptb):
     assert record["config"]["hidden_size"] == 8 and record["versions"]["torch"]
     assert 0 <= record["kn_lambda"] <= 1
     assert record["nn_kn_valid_ppl"] <= record["valid_ppl"] * (1 + 1e-9)  # lambda = 1 is the NN alone
+
+
+@pytest.mark.skipif(not PROC_CLEAR_REFS.exists(), reason="peak memory resets need Linux's /proc/self/clear_refs")
+def test_peak_memory_is_the_runs_own_not_the_processes(tiny_ptb):
+    big = np.ones(2**27)  # 1 GiB touched, then handed back: the process's peak, not the run's
+    before = peak_memory_mb("cpu")
+    del big
+    record = run_experiment(make_config("rnn-bptt", TINY), data_dir=tiny_ptb, progress=False)
+    assert 0 < record["peak_memory_mb"] < before - 900
 
 
 def test_kn_module_scores_like_the_estimator(tiny_ptb):
