@@ -26,6 +26,14 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="Optuna storage URL of the results database "
                                           "(default: sqlite:///bench.db in the working directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_folder_options(parser)
+
+
+def run_folder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", default="runs", help="folder of the runs' checkpoints, one subfolder per "
+                                                          "study and run (default: ./runs)")
+    parser.add_argument("--keep", choices=("best", "last", "all", "none"), default="best",
+                        help="checkpoints a finished run keeps (default: best)")
 
 
 def build_parser() -> Parser:
@@ -41,6 +49,10 @@ def build_parser() -> Parser:
     train.add_argument("--corpus", default="synthetic", help=f"one of: {', '.join(CORPORA)} (default: synthetic)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a hyper-parameter (repeatable), e.g. --set hidden_size=200")
+    train.add_argument("--resume", action="store_true", help="go on from the last completed epoch of an "
+                                                             "interrupted run of the same configuration")
+    train.add_argument("--seeds", type=int, default=1, help="runs of seeds seed, seed+1, ... (default: 1), each "
+                                                            "stored")
     common_options(train)
 
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
@@ -62,6 +74,7 @@ def build_parser() -> Parser:
     sweep.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else a per-user "
                                           "cache folder)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_folder_options(sweep)
 
     report = commands.add_parser("report", help="tables, plots, Markdown/HTML/CSV and a W&B report of the results")
     report.add_argument("--storage", help="Optuna storage URL of the results database (default: sqlite:///bench.db)")
@@ -91,22 +104,39 @@ def build_parser() -> Parser:
 
 
 def command_train(args) -> None:
+    from pathlib import Path
+
     from bench.config import make_config, parse_assignments
-    from bench.harness import run_experiment
+    from bench.harness import finished_record, run_experiment, run_folder_name
     from bench.models import REGISTRY
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
 
     config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
+    if args.seeds < 1:
+        raise BenchError(f"--seeds must be positive, got {args.seeds}")
     storage = open_storage(args.storage)
-    record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
-    save_record(record, storage, f"train-{args.model}-{args.corpus}", REGISTRY[args.model].metric)
-    print_tables([record])
+    study = f"train-{args.model}-{args.corpus}"
+    records = []
+    for seed in range(config["seed"], config["seed"] + args.seeds):
+        seeded = {**config, "seed": seed}
+        run_dir = Path(args.run_dir) / study / run_folder_name(seeded)
+        record = finished_record(run_dir, seeded) if args.resume else None
+        if record is not None:
+            print(f"seed {seed}: finished earlier in {run_dir}; not run again", flush=True)
+        else:
+            record = run_experiment(seeded, data_dir=args.data_dir, progress=not args.no_progress, run_dir=run_dir,
+                                    resume=args.resume, keep=args.keep)
+            save_record(record, storage, study, REGISTRY[args.model].metric)
+        records.append(record)
+    print_tables(records)
 
 
 def command_run(args) -> None:
+    from pathlib import Path
+
     from bench.config import TASK_CORPORA, make_config
-    from bench.harness import run_experiment
+    from bench.harness import run_experiment, run_folder_name
     from bench.models import REGISTRY
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
@@ -117,9 +147,10 @@ def command_run(args) -> None:
     records = []
     for number, config in enumerate(configs, 1):
         print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}", flush=True)
-        record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress)
         spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
         study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
+        record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress,
+                                run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)
         save_record(record, storage, study, spec.metric)
         records.append(record)
     print_tables(records)
@@ -134,11 +165,14 @@ def command_report(args) -> None:
 
 
 def command_sweep(args) -> None:
+    from pathlib import Path
+
     from bench.sweep_spec import load_spec
     from bench.sweeps import run_sweep
 
     table = run_sweep(load_spec(args.spec), args.trials, args.storage, args.n_jobs, args.data_dir,
-                      use_wandb=not args.no_wandb, progress=not args.no_progress, worker_init=quiet_libraries)
+                      use_wandb=not args.no_wandb, progress=not args.no_progress, worker_init=quiet_libraries,
+                      run_root=Path(args.run_dir), keep=args.keep)
     print(table.to_string(index=False, na_rep="", float_format="{:.4g}".format))
 
 

@@ -14,6 +14,7 @@ import yaml
 from bench.data import CORPORA
 from bench.errors import BenchError
 from bench.models import REGISTRY
+from bench.schedules import SCHEDULES
 from bench.tagging import TAGGING_CORPORA
 
 TASK_CORPORA = {"lm": CORPORA, "tagging": TAGGING_CORPORA}
@@ -21,7 +22,7 @@ TASK_CORPORA = {"lm": CORPORA, "tagging": TAGGING_CORPORA}
 
 @dataclass(frozen=True)
 class Param:
-    kind: type | str  # int, float, bool, str, or "ints" (a list of ints)
+    kind: type | str  # int, float, bool, str, "ints" (a list of ints) or "floats" (a number or a list of them)
     low: float = -math.inf
     high: float = math.inf
     choices: tuple = ()
@@ -32,6 +33,11 @@ class Param:
             if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise BenchError(f"{key} must be a list of integers such as [2000, 6000], got {value!r}")
             return value
+        if self.kind == "floats":
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise BenchError(f"{key} must be a number or a list of numbers such as [150, 141.3], got {value!r}")
+            return [Param(float, self.low, self.high).check(key, v) for v in values]
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
@@ -53,7 +59,14 @@ HARNESS = {
     "max_epochs": Param(int, 1, 10_000, help="epoch budget"),
     "max_minutes": Param(float, 0.01, 1e6, help="wall-clock training budget in minutes"),
     "clip": Param(float, 0.0, 1e9, help="gradient-norm clipping (0: off)"),
-    "patience": Param(int, 0, 1000, help="epochs without improvement, after the LR-halving one, before stopping"),
+    "patience": Param(int, 0, 1000, help="schedule plateau: epochs without improvement, after the LR-halving one, "
+                                         "before stopping"),
+    "min_improvement": Param(float, 1.0, 2.0, help="schedule rnnlm: halve the rate (the second time: stop) when "
+                                                   "the validation cross-entropy improves by less than this factor"),
+    "init_range": Param(float, 0.0, 10.0, help="initialise every parameter from U(-r, r) (0: the layers' own "
+                                               "initialisation)"),
+    "target_ppl": Param("floats", 1.0, 1e9, help="validation perplexities whose wall-clock time to reach is "
+                                                 "recorded (minutes_to_target)"),
     "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
     "limit_train_batches": Param(int, 0, 10**9, help="training batches per epoch (0: all)"),
 }
@@ -61,6 +74,10 @@ HARNESS = {
 MODEL = {
     "optimizer": Param(str, choices=("sgd", "adam")),
     "lr": Param(float, 1e-8, 1e4, help="learning rate"),
+    "l2": Param(float, 0.0, 1.0, help="L2 weight decay of the dense parameters (rnnlm's -beta)"),
+    "schedule": Param(str, choices=SCHEDULES, help="learning-rate schedule (bench.schedules)"),
+    "decay": Param(float, 0.0, 1.0, help="schedule zaremba: the rate's factor every epoch after decay_after"),
+    "decay_after": Param(int, 0, 10_000, help="schedule zaremba: epochs at the initial rate"),
     "output": Param(str, choices=("full", "class", "adaptive"), help="output layer"),
     "classes": Param(int, 1, 10_000_000, help="classes of the class-based output layer"),
     "class_binning": Param(str, choices=("frequency", "sqrt")),
@@ -76,14 +93,18 @@ MODEL = {
     "cell": Param(str, choices=("elman", "gru", "lstm"), help="recurrent cell of the tagger"),
     "bidirectional": Param(bool, help="tagger reads both directions (false: left to right only)"),
 }
+# The options of each schedule, with their defaults; an option of another schedule than the run's is an error.
+SCHEDULE_OPTIONS = {"plateau": {"patience": 1}, "rnnlm": {"min_improvement": 1.003},
+                    "zaremba": {"decay": 0.5, "decay_after": 4}}
 # Keys of every model trained by gradient; of language models only (token streams, output layers, NN+KN).
-TRAINING_KEYS = ("optimizer", "lr", "clip")
-LM_KEYS = ("bptt", "eval_batch_size")
+TRAINING_KEYS = ("optimizer", "lr", "clip", "l2", "init_range", "schedule", *{k for o in SCHEDULE_OPTIONS.values()
+                                                                              for k in o})
+LM_KEYS = ("bptt", "eval_batch_size", "target_ppl")
 NEURAL_LM_KEYS = ("output", "classes", "class_binning", "cutoffs", "div_value", "kn_order")
 OUTPUT_OPTIONS = {"classes": "class", "class_binning": "class", "cutoffs": "adaptive", "div_value": "adaptive"}
 QUICK_DEFAULTS = dict(kn_order=5)  # the quick suite shows every neural model's NN+KN column
 HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=16, max_epochs=20, max_minutes=60.0,
-                        clip=0.0, patience=1, kn_order=0, output="full")
+                        clip=0.0, kn_order=0, output="full", l2=0.0, init_range=0.0, schedule="plateau")
 
 
 def parse_assignments(assignments: list[str]) -> dict:
@@ -125,6 +146,8 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     quick_settings = {**QUICK_DEFAULTS, **spec.quick} if quick else {}
     config = {**HARNESS_DEFAULTS, **spec.defaults, **quick_settings, **overrides}
     config = {key: value for key, value in config.items() if key in keys}
+    if "schedule" in config:
+        config = with_schedule_options(model, config, overrides)
     for key, value in config.items():
         config[key] = {**HARNESS, **MODEL}[key].check(key, value)
     if config["corpus"] not in TASK_CORPORA[spec.task]:
@@ -134,6 +157,22 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
         if key in config and config.get("output") != layer:
             raise BenchError(f"{key} applies to output={layer}, not output={config.get('output')}")
     return {"model": model, **config}
+
+
+def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
+    """`config` with its schedule's options (defaults filled in) and no other schedule's."""
+    schedule = config["schedule"]
+    if schedule not in SCHEDULE_OPTIONS:
+        MODEL["schedule"].check("schedule", schedule)
+    if schedule == "rnnlm" and REGISTRY[model].task != "lm":
+        raise BenchError(f"schedule rnnlm watches validation perplexity: it is for language models, not {model}")
+    for other, options in SCHEDULE_OPTIONS.items():
+        for key in options:
+            if other != schedule and key in overrides:
+                raise BenchError(f"{key} applies to schedule={other}, not schedule={schedule}")
+    own = SCHEDULE_OPTIONS[schedule]
+    others = {key for options in SCHEDULE_OPTIONS.values() for key in options} - set(own)
+    return {**{k: v for k, v in config.items() if k not in others}, **{k: config.get(k, v) for k, v in own.items()}}
 
 
 def model_arguments(config: dict) -> dict:

@@ -10,7 +10,10 @@ library versions and the full configuration.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import platform
+import random
 import resource
 import subprocess
 import tempfile
@@ -21,24 +24,55 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.trainer.states import TrainerFn
 
 from bench.config import model_arguments
 from bench.data import Corpus, LanguageModelData, load_corpus
 from bench.interpolation import tune_interpolation
 from bench.models import REGISTRY
 from bench.models.kneser_ney import KneserNey
+from bench.records import plain, write_atomically
+from bench.schedules import schedule_callbacks
 from bench.tagging import TaggedCorpus, TaggingData, load_tagged_corpus
 
 
 class SpeedMonitor(pl.Callback):
-    """Times the training steps (forward, backward, update) and the scoring of the test set."""
+    """Times the training steps (forward, backward, update), the run's wall clock and the scoring of the test
+    set; keeps the validation curve.
 
-    def __init__(self):
+    The wall clock (time to target, MLPerf's rule) runs from the start of training -- the data loaded --
+    through every training and validation epoch; the test pass is timed apart. Its figures go into the
+    checkpoints, so a resumed run counts the epochs it trained in every process, and not the time lost
+    between its last checkpoint and the interruption.
+    """
+
+    def __init__(self, monitor: str):
+        self.monitor = monitor
         self.train_seconds: list[float] = []  # per completed epoch
+        self.train_batches = 0
         self.train_tokens = 0
+        self.curve: list[tuple[int, float, float]] = []  # (epoch, wall seconds so far, validation metric)
+        self.resumed = 0
         self.test_seconds = 0.0
-        self._epoch_seconds = 0.0
+        self._wall_before = 0.0  # wall seconds of earlier processes, up to the checkpoint resumed from
+        self._wall_start = self._epoch_seconds = 0.0
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds, "train_batches": self.train_batches,
+                "train_tokens": self.train_tokens, "curve": self.curve, "resumed": self.resumed,
+                "wall_seconds": self.wall_seconds()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_seconds, self.train_batches = state_dict["train_seconds"], state_dict["train_batches"]
+        self.train_tokens, self.curve = state_dict["train_tokens"], [tuple(p) for p in state_dict["curve"]]
+        self.resumed, self._wall_before = state_dict["resumed"] + 1, state_dict["wall_seconds"]
+
+    def wall_seconds(self) -> float:
+        return self._wall_before + (time.perf_counter() - self._wall_start if self._wall_start else 0.0)
+
+    def on_train_start(self, trainer, pl_module):
+        self._wall_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_seconds = 0.0
@@ -48,10 +82,16 @@ class SpeedMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._epoch_seconds += time.perf_counter() - self._batch_start
+        self.train_batches += 1
         self.train_tokens += int(batch[2].sum())  # the mask of a stream batch, the lengths of a sentence batch
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.train_seconds.append(self._epoch_seconds)
+
+    def on_validation_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING and value is not None:
+            self.curve.append((trainer.current_epoch + 1, self.wall_seconds(), float(value)))
 
     def on_test_epoch_start(self, trainer, pl_module):
         self._test_start = time.perf_counter()
@@ -59,6 +99,23 @@ class SpeedMonitor(pl.Callback):
     def on_test_end(self, trainer, pl_module):
         # not on_test_epoch_end: callbacks' epoch-end hooks run before the module's, which joins the streams
         self.test_seconds = time.perf_counter() - self._test_start
+
+
+class RandomStates(pl.Callback):
+    """The random generators' states in every checkpoint, so that a resumed run draws what an uninterrupted
+    one would (dropout, shuffled batches); Lightning restores the weights, optimizer and loops, not these."""
+
+    def state_dict(self) -> dict:
+        # numpy's key as a tensor: checkpoints are loaded with torch.load(weights_only=True), which refuses arrays
+        name, key, position, has_gauss, gauss = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), position,
+                                                          has_gauss, gauss), "python": random.getstate()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        name, key, position, has_gauss, gauss = state_dict["numpy"]
+        torch.set_rng_state(state_dict["torch"])
+        np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate(state_dict["python"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,48 +208,134 @@ def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = T
     )
 
 
+# --------------------------------------------------------------------------------------------------------
+# Run folders
+#
+# A run keeps its checkpoints in a folder that outlives the process (bench.runs names them):
+#
+#     config.json   the configuration the checkpoints belong to
+#     last.ckpt     after every epoch: weights, optimizer, schedule, loops, callbacks (clock, curve, RNG)
+#     best.ckpt     the best validation epoch's (what the test pass scores)
+#     record.json   the finished run's record, written last, atomically
+#
+# A resumed run loads last.ckpt and goes on from the epoch after it; checkpoints of another configuration
+# are never resumed. A finished run keeps the checkpoints `keep` names.
+# --------------------------------------------------------------------------------------------------------
+
+CHECKPOINTS = {"best": ("best.ckpt",), "last": ("last.ckpt",), "all": ("best.ckpt", "last.ckpt"), "none": ()}
+
+
+def run_folder_name(config: dict) -> str:
+    """The folder name of a run of `config`: model and seed, and a digest of the whole configuration."""
+    digest = hashlib.sha256(json.dumps(plain(config), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{config['model']}-seed{config['seed']}-{digest}"
+
+
+def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> str | None:
+    """The checkpoint to resume from (None: a fresh start, the folder emptied of another run's files)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file, last = run_dir / "config.json", run_dir / "last.ckpt"
+    same = config_file.is_file() and json.loads(config_file.read_text()) == plain(config)
+    if resume and same and last.is_file():
+        return str(last)
+    for name in ("last.ckpt", "best.ckpt", "record.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    write_atomically(config_file, json.dumps(plain(config), indent=1, sort_keys=True))
+    return None
+
+
+def finished_record(run_dir: Path, config: dict) -> dict | None:
+    """The record of a finished run of `config` in `run_dir`, if there is one."""
+    record_file, config_file = run_dir / "record.json", run_dir / "config.json"
+    if record_file.is_file() and config_file.is_file() and json.loads(config_file.read_text()) == plain(config):
+        return json.loads(record_file.read_text())
+    return None
+
+
+def stopped_by(trainer: pl.Trainer, config: dict, callbacks: list) -> str:
+    """What ended the training: its schedule ("schedule"), or a budget ("max_epochs", "max_minutes")."""
+    if any(getattr(c, "finished", False) or getattr(c, "stopped_epoch", 0) for c in callbacks):
+        return "schedule"  # RnnlmSchedule finished, or EarlyStopping stopped
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None and timer.time_remaining("train") <= 0:
+        return "max_minutes"
+    return "max_epochs"
+
+
+def minutes_to_target(curve: list[tuple[int, float, float]], targets: list[float]) -> dict[str, float | None]:
+    """Per target perplexity, the wall minutes to the first validation at or under it (None: never)."""
+    return {f"{target:g}": next((seconds / 60 for _, seconds, value in curve if value <= target), None)
+            for target in targets}
+
+
 def run_experiment(config: dict, data_dir: str | None = None, logger=None, callbacks: tuple = (),
-                   progress: bool = True) -> dict:
-    """Train and evaluate one validated configuration (bench.config.make_config); return its record."""
+                   progress: bool = True, run_dir: Path | None = None, resume: bool = False,
+                   keep: str = "best") -> dict:
+    """Train and evaluate one validated configuration (bench.config.make_config); return its record.
+
+    `run_dir` keeps the checkpoints (see Run folders above; None: a temporary folder); with `resume`, an
+    interrupted run of the same configuration there goes on from its last completed epoch."""
+    commit = git_commit()  # the code that starts the run (a run going on across commits keeps its first)
     pl.seed_everything(config["seed"], verbose=False)
     reset_peak_memory()
     data_dir = str(data_dir) if data_dir else None
     model, data = build(config, data_dir)
-    speed = SpeedMonitor()
+    if config.get("init_range"):
+        model.init_uniform(config["init_range"])
+    speed = SpeedMonitor(model.MONITOR)
     interpolate = bool(config.get("kn_order"))
-    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as checkpoint_dir:
-        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor=model.MONITOR, mode=model.MODE,
-                                     save_weights_only=True)
-        # The first epoch without improvement halves the learning rate (the module's scheduler); training
-        # stops after `patience` more, so the halved rate is always tried (Mikolov's schedule).
-        stopping = EarlyStopping(monitor=model.MONITOR, mode=model.MODE, patience=config["patience"] + 1,
-                                 check_finite=True)
-        trainer = build_trainer(config, [speed, checkpoint, stopping, *callbacks], logger, progress, checkpoint_dir)
-        trainer.fit(model, datamodule=data)
-        # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint.
-        best = "best" if checkpoint.best_model_path else None
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as temporary:
+        folder = Path(run_dir) if run_dir is not None else Path(temporary)
+        resume_from = prepare_run_dir(folder, config, resume)
+        checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=model.MONITOR, mode=model.MODE,
+                                     save_last=True, enable_version_counter=False)
+        schedule = schedule_callbacks(config, model.MONITOR, model.MODE)
+        trainer = build_trainer(config, [speed, RandomStates(), *schedule, checkpoint, *callbacks], logger, progress,
+                                str(folder))
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+        # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint. The weights
+        # alone: trainer.test(ckpt_path=...) would also restore the callbacks' and the module's state of that
+        # epoch, dropping the later epochs from the clock and the curve.
+        if checkpoint.best_model_path:
+            model.load_state_dict(torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"])
         if interpolate:  # per-token scores of the best weights on valid and test, for NN+KN
-            trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
-        trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
-    record = {"model": config["model"], "corpus": config["corpus"], **model.results(len(speed.train_seconds))}
+            trainer.validate(model, datamodule=data, verbose=False)
+        trainer.test(model, datamodule=data, verbose=False)
+        ended_by = stopped_by(trainer, config, schedule)
+    trained = len(speed.train_seconds)
+    record = {"model": config["model"], "corpus": config["corpus"], **model.results(trained)}
     if isinstance(data, LanguageModelData):
         corpus = data.corpus
         if interpolate:
             kn = kneser_ney_log_probs(config["corpus"], data_dir, config["kn_order"])
             record |= tune_interpolation(valid=(-model.scored_token_nll("val"), kn["valid"]),
                                          test=(-model.scored_token_nll("test"), kn["test"]))
-        record |= {"oracle_ppl": corpus.oracle_perplexity("test"), "unigram_ppl": corpus.unigram_perplexity("test")}
+        record |= {"oracle_ppl": corpus.oracle_perplexity("test"), "unigram_ppl": corpus.unigram_perplexity("test"),
+                   "minutes_to_target": minutes_to_target(speed.curve, config.get("target_ppl") or [])}
     device = str(model.device)
-    return record | {
-        "epochs": len(speed.train_seconds),
+    batches_per_epoch = trainer.num_training_batches
+    epochs = speed.train_batches / batches_per_epoch if batches_per_epoch else trained
+    record |= {
+        # whole epochs, or the fraction trained when a budget cut the last one short
+        "epochs": trained if speed.train_batches == trained * batches_per_epoch else round(epochs, 3),
+        "stopped_by": ended_by,
         "tokens_per_second": speed.train_tokens / max(sum(speed.train_seconds), 1e-9),
-        "minutes_per_epoch": float(np.mean(speed.train_seconds)) / 60,
+        "minutes_per_epoch": sum(speed.train_seconds) / max(epochs, 1e-9) / 60 if trained else 0.0,
+        "wall_minutes": speed.wall_seconds() / 60,
+        "curve": [{"epoch": epoch, "wall_minutes": seconds / 60, model.MONITOR: value}
+                  for epoch, seconds, value in speed.curve],
+        "resumed": speed.resumed,
         "test_seconds": speed.test_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),
         "device": device,
         "seed": config["seed"],
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "versions": library_versions(),
         "config": config,
     }
+    if run_dir is not None:
+        write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))
+        for name in {"best.ckpt", "last.ckpt"} - set(CHECKPOINTS[keep]):
+            (folder / name).unlink(missing_ok=True)
+    return record

@@ -7,13 +7,12 @@ reports read it back. The default is a SQLite file in the working directory; any
 
 from __future__ import annotations
 
-import json
-import math
 import re
 
 import optuna
 
 from bench.errors import BenchError
+from bench.records import plain
 
 DEFAULT_STORAGE = "sqlite:///bench.db"
 # The figures shown as their own columns by study.trials_dataframe(); the whole record is attribute "record".
@@ -45,17 +44,6 @@ def open_storage(url: str | None = None, heartbeat: bool = False):
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, **(beats if heartbeat else {}))
     except Exception as error:  # SQLAlchemy and driver errors: a bad URL or an unreachable server
         raise BenchError(f"cannot open storage {redact(url)}: {str(error).splitlines()[0]}") from None
-
-
-def plain(value):
-    """The record as JSON-safe values (Optuna user attributes): NaN/inf become None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return json.loads(json.dumps(value, default=float))
 
 
 def save_record(record: dict, storage, study_name: str, metric: str = "valid_ppl") -> optuna.trial.FrozenTrial:

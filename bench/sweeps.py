@@ -46,7 +46,8 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from bench.errors import BenchError
 from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
-from bench.store import DEFAULT_STORAGE, open_storage, plain, record_attributes, redact
+from bench.records import plain
+from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, redact
 from bench.sweep_spec import SweepSpec
 
 STARTING_SECONDS = 60  # a running trial names its worker within moments; one that never did is stale by then
@@ -207,6 +208,8 @@ class Objective:
     data_dir: str | None
     wandb_mode: str
     progress: bool
+    run_root: Path | None = None  # the trials' run folders go under run_root/<study>/ (None: temporary)
+    keep: str = "best"
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.claim_place(trial)
@@ -215,7 +218,7 @@ class Objective:
             config = self.spec.config(self.spec.settings(trial))
             logger = start_wandb_run(self.spec, trial, config, self.wandb_mode)
             record = run_experiment(config, data_dir=self.data_dir, logger=logger, callbacks=(pruning,),
-                                    progress=self.progress)
+                                    progress=self.progress, run_dir=self.run_dir(trial), resume=True, keep=self.keep)
             value = record.get(self.spec.metric)
             if value is None or not math.isfinite(value):
                 raise FloatingPointError(f"{self.spec.metric} is {value} (diverged)")
@@ -233,6 +236,15 @@ class Objective:
             trial.set_user_attr(key, attribute)
         finish_wandb_run(logger, "complete", record)
         return value
+
+    def run_dir(self, trial: optuna.Trial) -> Path | None:
+        """The trial's run folder, named after the trial it retries, if any: a requeued trial (its worker
+        died, or a signal ended it) goes on from the checkpoints of the one it replaces."""
+        if self.run_root is None:
+            return None
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        origin = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        return self.run_root / self.spec.study / f"trial-{trial.number if origin is None else origin}"
 
     def claim_place(self, trial: optuna.Trial) -> None:
         trial.set_user_attr("worker", this_worker(trial))
@@ -314,7 +326,7 @@ def trials_table(study: optuna.Study, metric: str) -> pd.DataFrame:
 
 def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | None = None, n_jobs: int = 1,
               data_dir: str | None = None, use_wandb: bool = True, progress: bool = True,
-              worker_init=None) -> pd.DataFrame:
+              worker_init=None, run_root: Path | None = None, keep: str = "best") -> pd.DataFrame:
     """Run (or resume) the spec's study until it holds `trials` trials (default: the spec's); return the
     trials table."""
     total = spec.trials if trials is None else trials
@@ -337,7 +349,7 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
           f"held, {max(owed, 0)} to run; W&B {mode}"
           + (" (no login: runs kept in ./wandb or $WANDB_DIR; `wandb sync` uploads them)" if mode == "offline"
              else ""), flush=True)
-    objective = Objective(spec, total, data_dir, mode, progress and n_jobs == 1)
+    objective = Objective(spec, total, data_dir, mode, progress and n_jobs == 1, run_root, keep)
     worker = Worker(spec, storage_url, objective, worker_init)
     if owed > 0 and n_jobs == 1:
         worker(0)

@@ -31,6 +31,7 @@ import torch
 from bench.data import Vocabulary
 from bench.errors import BenchError
 from bench.models.output_layers import build_output_layer
+from bench.schedules import lr_scheduler
 
 STAGES = ("train", "val", "test")
 STATE_TOLERANCE = 1e-5  # states this close (max abs difference) count as the same when joining streams
@@ -58,7 +59,8 @@ def same_state(a, b) -> bool:
 
 class ScoredModel(pl.LightningModule):
     """What every model of the registry shares with Lightning: a scoring pass per stage, opened by
-    `_start(stage)` and closed by `_end(stage)`, and its optimizer (hyper-parameters `optimizer`, `lr`)."""
+    `_start(stage)` and closed by `_end(stage)`, and its optimizer and schedule (hyper-parameters
+    `optimizer`, `lr`, `l2`, `schedule`, `decay`, `decay_after`; bench.schedules)."""
 
     MONITOR, MODE = "val_ppl", "min"  # the validation metric that early stopping, checkpoints and sweeps watch
 
@@ -81,7 +83,17 @@ class ScoredModel(pl.LightningModule):
         self._end("test")
 
     def configure_optimizers(self):
-        return configure_optimizer(self, self.hparams.optimizer, self.hparams.lr, self.MONITOR, self.MODE)
+        hparams = self.hparams
+        optimizer = make_optimizer(self, hparams.optimizer, hparams.lr, hparams.get("l2", 0.0))
+        scheduler = lr_scheduler(optimizer, hparams.get("schedule", "plateau"), hparams.get("decay", 1.0),
+                                 hparams.get("decay_after", 0), self.MONITOR, self.MODE)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
+
+    def init_uniform(self, init_range: float) -> None:
+        """Every parameter drawn from U(-init_range, init_range) (Zaremba et al. 2014 use 0.1)."""
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.uniform_(-init_range, init_range)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Scale the gradients down to a total norm of `clip` when they exceed it (the Trainer's
@@ -103,7 +115,8 @@ class LanguageModel(ScoredModel):
     STATE_BATCH_DIM = 0  # the dimension of the state that holds the streams
 
     def __init__(self, vocab: Vocabulary, output_size: int | None, *, output: str = "full", optimizer: str = "sgd",
-                 lr: float = 0.1, **output_options):
+                 lr: float = 0.1, l2: float = 0.0, schedule: str = "plateau", decay: float = 1.0,
+                 decay_after: int = 0, **output_options):
         super().__init__()
         self.save_hyperparameters(ignore=["vocab"])
         self.eos = vocab.eos
@@ -122,6 +135,12 @@ class LanguageModel(ScoredModel):
 
     def init_state(self, batch_size: int):
         raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["perplexities"] = self.perplexities  # a resumed run's record holds every epoch's figures
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.perplexities = checkpoint.get("perplexities", self.perplexities)
 
     def nll(self, inputs: torch.Tensor, targets: torch.Tensor, state):
         """-log p(target) for every position (B, T), and the state after the chunk."""
@@ -212,17 +231,14 @@ class LanguageModel(ScoredModel):
                 "valid_ppl_per_epoch": self.perplexities["val"][:epochs]}
 
 
-def configure_optimizer(module: pl.LightningModule, name: str, lr: float, monitor: str, mode: str) -> dict:
-    """SGD or Adam, with Mikolov's schedule: halve the rate when the validation metric stops improving
-    (ReduceLROnPlateau, factor 0.5, no patience); the harness's EarlyStopping stops training when it
-    stops improving again."""
+def make_optimizer(module: pl.LightningModule, name: str, lr: float, l2: float = 0.0) -> torch.optim.Optimizer:
+    """SGD or Adam over the module's parameters, with L2 weight decay `l2` (rnnlm's -beta) on the dense ones:
+    torch's SGD takes no weight decay with sparse gradients (the input embeddings under SGD)."""
+    sparse = [p for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
+    dense = [p for p in module.parameters() if all(p is not q for q in sparse)]
+    groups = [{"params": dense, "weight_decay": l2}] + ([{"params": sparse, "weight_decay": 0.0}] if sparse else [])
     if name == "sgd":
-        optimizer = torch.optim.SGD(module.parameters(), lr=lr)
-    elif name == "adam":
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    else:
-        raise BenchError(f"unknown optimizer {name!r}: choose sgd or adam")
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=0,
-                                                           threshold=0.003)
-    # strict=False: an epoch cut short by max_time has no validation metric to step on
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor, "strict": False}}
+        return torch.optim.SGD(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise BenchError(f"unknown optimizer {name!r}: choose sgd or adam")

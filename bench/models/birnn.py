@@ -43,7 +43,8 @@ class BiRNNTagger(ScoredModel):
 
     def __init__(self, vocab_size: int, tags: list[str], cell: str = "lstm", embedding_size: int = 100,
                  hidden_size: int = 100, layers: int = 2, activation: str = "tanh", dropout: float = 0.0,
-                 bidirectional: bool = True, optimizer: str = "adam", lr: float = 1e-3):
+                 bidirectional: bool = True, optimizer: str = "adam", lr: float = 1e-3, l2: float = 0.0,
+                 schedule: str = "plateau", decay: float = 1.0, decay_after: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.tags = list(tags)
