@@ -101,6 +101,21 @@ class SpeedMonitor(pl.Callback):
         self.test_seconds = time.perf_counter() - self._test_start
 
 
+class EpochLines(pl.Callback):
+    """One line per epoch where no progress bar shows: the validation metric, the learning rate, the clock."""
+
+    def __init__(self, speed: SpeedMonitor, label: str):
+        self.speed, self.label = speed, label
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.speed.curve:
+            return
+        epoch, seconds, value = self.speed.curve[-1]
+        rates = [group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        print(f"{self.label} epoch {epoch}: {self.speed.monitor} {value:.2f}, lr {rates[0]:.4g}, "
+              f"{seconds / 60:.1f} min", flush=True)
+
+
 class RandomStates(pl.Callback):
     """The random generators' states in every checkpoint, so that a resumed run draws what an uninterrupted
     one would (dropout, shuffled batches); Lightning restores the weights, optimizer and loops, not these."""
@@ -290,8 +305,9 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=model.MONITOR, mode=model.MODE,
                                      save_last=True, enable_version_counter=False)
         schedule = schedule_callbacks(config, model.MONITOR, model.MODE)
-        trainer = build_trainer(config, [speed, RandomStates(), *schedule, checkpoint, *callbacks], logger, progress,
-                                str(folder))
+        lines = [] if progress else [EpochLines(speed, folder.name if run_dir is not None else config["model"])]
+        trainer = build_trainer(config, [speed, *lines, RandomStates(), *schedule, checkpoint, *callbacks], logger,
+                                progress, str(folder))
         trainer.fit(model, datamodule=data, ckpt_path=resume_from)
         # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint. The weights
         # alone: trainer.test(ckpt_path=...) would also restore the callbacks' and the module's state of that

@@ -181,6 +181,12 @@ def places_taken(study: optuna.Study, before: int | None = None) -> int:
     return sum(holds_place(t) for t in study.get_trials(deepcopy=False) if before is None or t.number < before)
 
 
+def trials_to_run(study: optuna.Study, total: int) -> int:
+    """The open places plus the queued trials (a requeued trial holds its place but still has to run)."""
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    return max(total - places_taken(study), 0) + waiting
+
+
 class PruningCallback(PyTorchLightningPruningCallback):
     """optuna-integration's pruning callback (in one process it reports the epoch metric and raises
     TrialPruned from on_validation_end; check_pruned is for DDP), keeping the metrics it last saw for the
@@ -284,7 +290,7 @@ class Worker:
         seed_salt = (len(optuna.load_study(study_name=self.spec.study, storage=storage).trials), index)
         study = optuna.load_study(study_name=self.spec.study, storage=storage,
                                   sampler=self.spec.make_sampler(seed_salt), pruner=self.spec.make_pruner())
-        if places_taken(study) < self.objective.total:
+        if trials_to_run(study, self.objective.total):
             study.optimize(self.objective, callbacks=[self.report_trial, self.stop_when_full], catch=(Exception,),
                            gc_after_trial=True)
 
@@ -295,7 +301,7 @@ class Worker:
               f"{seconds:.0f} s", flush=True)
 
     def stop_when_full(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if places_taken(study) >= self.objective.total:
+        if not trials_to_run(study, self.objective.total):
             study.stop()
 
 
@@ -344,9 +350,9 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     if recovered:
         print(f"trials {', '.join(map(str, recovered))}: their worker is gone; failed and requeued", flush=True)
     mode = wandb_mode(use_wandb)
-    owed = total - places_taken(study)
-    print(f"study {spec.study} in {redact(storage_url or DEFAULT_STORAGE)}: {total - owed} of {total} trials "
-          f"held, {max(owed, 0)} to run; W&B {mode}"
+    owed = trials_to_run(study, total)
+    print(f"study {spec.study} in {redact(storage_url or DEFAULT_STORAGE)}: {min(places_taken(study), total)} of "
+          f"{total} trials held, {owed} to run; W&B {mode}"
           + (" (no login: runs kept in ./wandb or $WANDB_DIR; `wandb sync` uploads them)" if mode == "offline"
              else ""), flush=True)
     objective = Objective(spec, total, data_dir, mode, progress and n_jobs == 1, run_root, keep)

@@ -92,7 +92,8 @@ def test_records_are_completed_trials_in_the_optuna_storage(tmp_path):
 
 
 def test_training_stops_after_the_halved_learning_rate_fails_to_improve_too(tiny_ptb):
-    config = make_config("ffnn", {"corpus": "ptb", "max_epochs": 12, "hidden_size": 8, "lr": 1.0, "patience": 1})
+    config = make_config("ffnn", {"corpus": "ptb", "max_epochs": 12, "hidden_size": 8, "lr": 1.0, "schedule": "plateau",
+                                  "patience": 1})
     curve = run_experiment(config, data_dir=tiny_ptb, progress=False)["valid_ppl_per_epoch"]
     best = int(np.argmin(curve))
     # one epoch without improvement halves the rate; `patience` (1) more without improvement stops training
