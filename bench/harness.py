@@ -268,13 +268,17 @@ def finished_record(run_dir: Path, config: dict) -> dict | None:
 
 
 def stopped_by(trainer: pl.Trainer, config: dict, callbacks: list) -> str:
-    """What ended the training: its schedule ("schedule"), or a budget ("max_epochs", "max_minutes")."""
+    """What ended the training: "schedule" when the run reached its own stopping point (its schedule ended
+    it, or it ran a fixed-length recipe's epochs: zaremba's, the n-gram's single pass), else the budget that
+    cut it short ("max_epochs", "max_minutes", "limit_train_batches")."""
     if any(getattr(c, "finished", False) or getattr(c, "stopped_epoch", 0) for c in callbacks):
         return "schedule"  # RnnlmSchedule finished, or EarlyStopping stopped
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     if timer is not None and timer.time_remaining("train") <= 0:
         return "max_minutes"
-    return "max_epochs"
+    if config.get("limit_train_batches"):
+        return "limit_train_batches"
+    return "schedule" if config.get("schedule", "zaremba") == "zaremba" else "max_epochs"
 
 
 def minutes_to_target(curve: list[tuple[int, float, float]], targets: list[float]) -> dict[str, float | None]:

@@ -3,13 +3,18 @@
 Reports read only the Optuna storage (bench.store): the COMPLETE trials of the chosen studies
 (`study.trials_dataframe()`) and the run record each trial carries (`user_attrs["record"]`).
 
+Seeds. Runs whose whole configuration but the seed is the same are one setting: the report shows their
+mean, the standard deviation (columns "... sd") and their count ("seeds"); the validation curves are the
+lowest seed's.
+
 Best per configuration. A configuration is model + corpus + output layer (+ class count when the output
 layer is class-based); for taggers model + corpus + cell, depth and direction (TAGGER_ARCHITECTURE), so a
-depth or cell study keeps a row per architecture; everything else (learning rate, hidden size, seed, ...)
-is what a study searched.
-Of the runs of one configuration, across all reported studies, the report keeps the one with the lowest
-validation perplexity (language models) or the highest validation F1 (taggers) -- never chosen on test
-figures; ties go to the most recent run.
+depth or cell study keeps a row per architecture; everything else (learning rate, hidden size, ...) is what
+a study searched.
+Of the settings of one configuration, across all reported studies, the report keeps one that reached its
+own stopping point if there is one (see `reached_stop`), then the lowest mean validation perplexity
+(language models) or the highest validation F1 (taggers) -- never chosen on test figures; ties go to the
+most recent run. A run cut short by a budget is marked ("stopped by") and gets no difference to the paper.
 
 Besides the leaderboard it rebuilds Mikolov et al. 2011 (ICASSP), *Extensions of recurrent neural network
 language model*: Table 2 (PTB test perplexity of each model alone and interpolated with KN5) and Table 3
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import platform
 from datetime import datetime
@@ -53,9 +59,12 @@ PAPER_TABLE3 = pd.DataFrame({
 SPEED, PERPLEXITY = "train tokens/s", "test ppl (NN)"  # leaderboard columns of the speed plot
 # Record figures the tables read; a column of missing values where no run has them (e.g. taggers only).
 FIGURES = ("epochs", "valid_ppl", "test_ppl", "nn_kn_test_ppl", "valid_f1", "test_f1", "tokens_per_second",
-           "minutes_per_epoch", "test_seconds", "git_commit", "device")
+           "minutes_per_epoch", "test_seconds", "git_commit", "device", "stopped_by", "seed")
+# Figures averaged over the seeds of a setting, each with its standard deviation "<figure>_sd".
+SEED_FIGURES = ("valid_ppl", "test_ppl", "nn_kn_valid_ppl", "nn_kn_test_ppl", "valid_f1", "test_f1", "test_precision",
+                "test_recall", "epochs", "tokens_per_second", "minutes_per_epoch", "wall_minutes", "test_seconds")
 OUTPUTS = ("leaderboard.csv", "taggers.csv", "table2.csv", "table3.csv", "speed.png", "classes.png", "epochs.png",
-           "README.md", "index.html")
+           "wall_clock.png", "README.md", "index.html")
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -96,6 +105,7 @@ def load_runs(storage_url: str | None = None, studies: list[str] | None = None) 
             task = "tagging" if "test_f1" in record else "lm"
             rows.append({
                 **{k: v for k, v in record.items() if np.isscalar(v) or v is None},
+                "setting": setting(config), "reached_stop": reached_stop(record),
                 **{key: config.get(key) if task == "tagging" else None for key in TAGGER_ARCHITECTURE},
                 "task": task,
                 "output": output, "classes": config.get("classes") if output == "class" else None,
@@ -107,12 +117,53 @@ def load_runs(storage_url: str | None = None, studies: list[str] | None = None) 
     return frame.reindex(columns=[*frame.columns, *(c for c in FIGURES if c not in frame)])
 
 
+def setting(config: dict) -> str:
+    """The configuration but the seed (and the targets, which only watch the run): what seeds repeat."""
+    return json.dumps({k: v for k, v in config.items() if k not in ("seed", "target_ppl")}, sort_keys=True)
+
+
+def reached_stop(record: dict) -> bool:
+    """Whether the run reached its own stopping point: its schedule ended it, or it ran all the epochs of a
+    fixed-length recipe (schedule zaremba; the n-gram's one pass, no schedule at all)."""
+    stopped = record.get("stopped_by")
+    fixed_length = (record.get("config") or {}).get("schedule", "zaremba") == "zaremba"
+    return stopped == "schedule" or (stopped == "max_epochs" and fixed_length)
+
+
+def seeds_as_one(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (see the module docstring): figures averaged over its seeds (a seed run more than
+    once counts once, its latest run), with "<figure>_sd" and "seeds"; the record is the lowest seed's with
+    those figures in it."""
+    latest = runs.assign(_seed=runs["seed"].fillna(-1)).sort_values("completed", na_position="first")
+    latest = latest.drop_duplicates(["setting", "_seed"], keep="last").drop(columns="_seed")
+    rows = []
+    for _, group in latest.groupby("setting", sort=False):
+        group = group.sort_values("seed")
+        row = group.iloc[0].copy()
+        row["seeds"] = len(group)
+        row["record"] = {**row["record"], "seeds": len(group)}
+        if len(group) > 1:
+            figures = {}
+            for figure in SEED_FIGURES:
+                values = pd.to_numeric(group[figure], errors="coerce") if figure in group else pd.Series(dtype=float)
+                if values.notna().any():
+                    figures[figure], figures[f"{figure}_sd"] = values.mean(), values.std()
+            for figure, value in figures.items():
+                row[figure] = value
+            row["reached_stop"] = bool(group["reached_stop"].all())
+            row["completed"] = group["completed"].max()
+            row["record"] = {**row["record"], **figures, "seeds": len(group)}
+        rows.append(row)
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
 def best_per_configuration(runs: pd.DataFrame) -> pd.DataFrame:
-    """The best run of each configuration (see the module docstring), ordered by task, corpus, model."""
-    score = runs["valid_ppl"].where(runs["task"] == "lm", -runs["valid_f1"])
-    ranked = runs.assign(_score=score).sort_values(["_score", "completed"], ascending=[True, False],
-                                                   na_position="last")
-    best = ranked.drop_duplicates(CONFIGURATION).drop(columns="_score")
+    """The best setting of each configuration (see the module docstring), ordered by task, corpus, model."""
+    settings = seeds_as_one(runs)
+    score = settings["valid_ppl"].where(settings["task"] == "lm", -settings["valid_f1"])
+    ranked = settings.assign(_cut=~settings["reached_stop"].astype(bool), _score=score).sort_values(
+        ["_cut", "_score", "completed"], ascending=[True, True, False], na_position="last")
+    best = ranked.drop_duplicates(CONFIGURATION).drop(columns=["_cut", "_score"])
     return best.sort_values(["task", "corpus", "model", "output", "classes"]).reset_index(drop=True)
 
 
@@ -165,47 +216,70 @@ def _corpora(runs: pd.DataFrame) -> list[str]:
     return sorted(runs["corpus"].unique(), key=lambda c: (c != "ptb", c))  # PTB, the paper's corpus, first
 
 
+def stop_label(run) -> str:
+    """The run's "stopped by" cell: its own stopping point, or the budget that cut it short (marked)."""
+    if run["reached_stop"]:
+        return "its schedule"
+    stopped = run.get("stopped_by")
+    return f"cut short: {stopped}" if isinstance(stopped, str) else "cut short: unknown"
+
+
 def table2(best: pd.DataFrame) -> pd.DataFrame:
     """Mikolov et al. 2011, Table 2: test perplexity of each model alone (NN) and interpolated with KN5
-    (NN+KN), per corpus; on PTB beside the paper's figures and the difference (ours - paper). Each cell is
-    the model's best configuration on that corpus (lowest validation perplexity)."""
+    (NN+KN), per corpus, with each run's epochs and what stopped it; on PTB beside the paper's figures and
+    the difference (ours - paper), left empty for a run cut short by a budget. Each cell is the model's best
+    configuration on that corpus (lowest validation perplexity)."""
     lm = best[(best["task"] == "lm") & best["model"].isin(list(TABLE2_ROWS))]
-    runs = lm.sort_values("valid_ppl").drop_duplicates(["model", "corpus"])
+    runs = lm.sort_values(["reached_stop", "valid_ppl"], ascending=[False, True]).drop_duplicates(["model", "corpus"])
     table = pd.DataFrame(index=pd.Index(list(TABLE2_ROWS.values()), name="model"))
     paper = pd.DataFrame(PAPER_TABLE2, index=["NN", "NN+KN"]).T.reindex(list(TABLE2_ROWS)).astype(float)
     for corpus in _corpora(runs):
         measured = runs[runs["corpus"] == corpus].set_index("model").reindex(list(TABLE2_ROWS))
+        table[f"{corpus} epochs"] = measured["epochs"].to_numpy(dtype=float)
+        table[f"{corpus} stopped by"] = [stop_label(run) if isinstance(run["record"], dict) else ""
+                                         for _, run in measured.iterrows()]
+        table[f"{corpus} seeds"] = measured["seeds"].to_numpy(dtype=float)
+        comparable = measured["reached_stop"].fillna(False).to_numpy(dtype=bool)
         for column, key in (("NN", "test_ppl"), ("NN+KN", "nn_kn_test_ppl")):
             ours = measured[key].to_numpy(dtype=float)
             table[f"{corpus} {column}"] = ours
+            if f"{key}_sd" in measured and measured[f"{key}_sd"].notna().any():
+                table[f"{corpus} {column} sd"] = measured[f"{key}_sd"].to_numpy(dtype=float)
             if corpus == "ptb":
                 table[f"ptb paper {column}"] = paper[column].to_numpy()
-                table[f"ptb diff {column}"] = ours - paper[column].to_numpy()
+                table[f"ptb diff {column}"] = np.where(comparable, ours - paper[column].to_numpy(), np.nan)
     return _with_provenance(table.reset_index(), runs)
 
 
 def table3(best: pd.DataFrame) -> pd.DataFrame:
     """Mikolov et al. 2011, Table 3: RNN-BPTT with a class-based output layer, by class count (and the full
-    softmax as "full"): test perplexity, minutes per training epoch, seconds to score the test set; on PTB
-    beside the paper's figures and the difference (ours - paper; the paper's times are from a 2011 CPU)."""
+    softmax as "full"): test perplexity, epochs and what stopped the run, minutes per training epoch, seconds
+    to score the test set; on PTB beside the paper's figures and the difference (ours - paper; the paper's
+    times are from a 2011 CPU), the perplexity difference left empty for a run cut short by a budget."""
     runs = best[(best["task"] == "lm") & (best["model"] == "rnn-bptt") & best["output"].isin(["class", "full"])]
     table = pd.DataFrame({
         "corpus": runs["corpus"],
         "classes": [f"{c:.0f}" if output == "class" else "full" for c, output in zip(runs["classes"], runs["output"])],
-        "epochs": runs["epochs"], "test ppl": runs["test_ppl"], "min/epoch": runs["minutes_per_epoch"],
-        "test s": runs["test_seconds"],
+        "epochs": runs["epochs"], "stopped by": [stop_label(run) for _, run in runs.iterrows()],
+        "seeds": runs["seeds"], "test ppl": runs["test_ppl"],
+        **({"test ppl sd": runs["test_ppl_sd"]} if "test_ppl_sd" in runs and runs["test_ppl_sd"].notna().any()
+           else {}),
+        "min/epoch": runs["minutes_per_epoch"], "test s": runs["test_seconds"], "_comparable": runs["reached_stop"],
     })
     order = table["classes"].map(lambda c: np.inf if c == "full" else float(c))
     table = table.assign(_order=order, _ptb=table["corpus"] != "ptb").sort_values(["_ptb", "corpus", "_order"])
     table = table.drop(columns=["_order", "_ptb"]).reset_index(drop=True)
+    comparable = table.pop("_comparable").fillna(False).to_numpy(dtype=bool)
     if (table["corpus"] == "ptb").any():
         paper = table.merge(PAPER_TABLE3, on="classes", how="left", suffixes=("", " paper"))
         on_ptb = (table["corpus"] == "ptb").to_numpy()
         for column in ("test ppl", "min/epoch", "test s"):
             reference = paper[f"{column} paper"].where(on_ptb).to_numpy()
-            position = table.columns.get_loc(column) + 1
+            position = table.columns.get_loc(column) + 1 + (column == "test ppl" and "test ppl sd" in table)
+            difference = table[column].to_numpy(dtype=float) - reference
             table.insert(position, f"paper {column}", reference)
-            table.insert(position + 1, f"diff {column}", table[column].to_numpy() - reference)
+            table.insert(position + 1, f"diff {column}",
+                         np.where(comparable, difference, np.nan) if column == "test ppl" else difference)
     return _with_provenance(table, runs)
 
 
@@ -248,33 +322,38 @@ def plot_speed(board: pd.DataFrame, path: Path) -> Path | None:
             label = run["model"] + (f" c{run['classes']}" if run.get("output") == "class" else "")
             ax.annotate(label, (run[SPEED], run[PERPLEXITY]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set(xscale="log", xlabel="training tokens/s", ylabel="test perplexity", title=corpus)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     figure.savefig(path, dpi=110)
     return path
 
 
 def plot_classes(table: pd.DataFrame, path: Path) -> Path | None:
-    """Table 3 as curves: perplexity and minutes/epoch against the class count (the full softmax dashed);
-    none without a class-based run."""
-    if table.empty or not (table["classes"] != "full").any():
+    """Table 3 as curves, one row of panels per corpus: perplexity and minutes/epoch against the class count
+    (the full softmax as a dashed line; on PTB the paper's beside ours); none without a class-based run."""
+    corpora = [c for c in _corpora(table) if (table.loc[table["corpus"] == c, "classes"] != "full").any()] \
+        if not table.empty else []
+    if not corpora:
         return None
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    figure = Figure(figsize=(12, 3.8 * len(corpora)), layout="constrained")
     figure.suptitle("RNN-BPTT with a class-based output layer (Mikolov et al. 2011, Table 3)")
-    axes = figure.subplots(1, 2)
-    curves = [(f"{corpus} (ours)", rows) for corpus, rows in table.groupby("corpus", sort=False)]
-    if (table["corpus"] == "ptb").any():
-        curves.append(("ptb (paper)", PAPER_TABLE3))
-    for ax, column in zip(axes, ("test ppl", "min/epoch")):
-        for label, rows in curves:
-            classes = rows[rows["classes"] != "full"]
-            line = ax.plot(classes["classes"].astype(float), classes[column], marker="o", label=label)[0]
-            for value in rows.loc[rows["classes"] == "full", column]:
-                ax.axhline(value, linestyle="--", color=line.get_color(), label=f"{label}: full softmax")
-        # minutes on a log axis: this machine's and the paper's differ ~50x, and both U shapes must show
-        ax.set(xscale="log", yscale="log" if column == "min/epoch" else "linear", xlabel="classes", ylabel=column)
-        ax.legend(fontsize=8)
+    for axes, corpus in zip(figure.subplots(len(corpora), 2, squeeze=False), corpora):
+        curves = [("ours", table[table["corpus"] == corpus])] + ([("paper", PAPER_TABLE3)] if corpus == "ptb" else [])
+        for ax, column in zip(axes, ("test ppl", "min/epoch")):
+            for label, rows in curves:
+                classes = rows[rows["classes"] != "full"]
+                line = ax.plot(classes["classes"].astype(float), classes[column], marker="o", label=label)[0]
+                for value in rows.loc[rows["classes"] == "full", column]:
+                    ax.axhline(value, linestyle="--", color=line.get_color(), label=f"{label}: full softmax")
+            # minutes on a log axis: this machine's and the paper's differ ~50x, and both U shapes must show
+            ax.set(xscale="log", yscale="log" if column == "min/epoch" else "linear", xlabel="classes",
+                   ylabel=column, title=f"{corpus}: {column}")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     figure.savefig(path, dpi=110)
     return path
+
+
+def run_label(run) -> str:
+    return run["model"] + (f" c{run['classes']:.0f}" if run["output"] == "class" else "")
 
 
 def plot_epochs(best: pd.DataFrame, path: Path) -> Path | None:
@@ -287,11 +366,36 @@ def plot_epochs(best: pd.DataFrame, path: Path) -> Path | None:
     for ax, corpus in zip(axes, corpora):
         for _, run in runs[runs["corpus"] == corpus].iterrows():
             curve = run["record"]["valid_ppl_per_epoch"]
-            label = run["model"] + (f" c{run['classes']:.0f}" if run["output"] == "class" else "")
-            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=label)
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=run_label(run))
         ax.set(xlabel="epoch", ylabel="validation perplexity", title=corpus)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
+        if len(ax.get_xticks()) < 2:  # a single epoch: one tick, not matplotlib's fractional ones
+            ax.set_xticks([1])
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_wall_clock(best: pd.DataFrame, tables: dict[str, pd.DataFrame], path: Path) -> Path | None:
+    """Validation perplexity against wall-clock minutes (training and validation: the time to a target), one
+    line per run, one panel per paper table (Table 2's models, Table 3's output layers) and corpus."""
+    lm = best[(best["task"] == "lm") & best["record"].map(lambda r: bool(r.get("curve")))]
+    panels = []
+    for name, title, rows in (("table2", "Table 2", lm[lm["model"].isin(list(TABLE2_ROWS))]),
+                              ("table3", "Table 3", lm[(lm["model"] == "rnn-bptt")])):
+        if name in tables:
+            panels += [(f"{title}, {corpus}", rows[rows["corpus"] == corpus]) for corpus in _corpora(rows)]
+    panels = [(title, rows) for title, rows in panels if len(rows)]
+    if not panels:
+        return None
+    figure = Figure(figsize=(12, 4.2 * len(panels)), layout="constrained")
+    figure.suptitle("Validation perplexity against wall-clock minutes (training + validation)")
+    for ax, (title, rows) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        for _, run in rows.iterrows():
+            curve = run["record"]["curve"]
+            ax.plot([p["wall_minutes"] for p in curve], [p["val_ppl"] for p in curve], marker=".", label=run_label(run))
+        ax.set(xscale="log", yscale="log", xlabel="wall minutes", ylabel="validation perplexity", title=title)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     figure.savefig(path, dpi=110)
     return path
 
@@ -300,23 +404,37 @@ def plot_epochs(best: pd.DataFrame, path: Path) -> Path | None:
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """Cells as text: thousands separators, 2 decimals, signed differences, "—" where there is no figure."""
+    """Cells as text: thousands separators, 2 decimals, signed differences, "—" where there is no figure; a
+    figure with a standard deviation column ("<column> sd") as "mean ± sd"."""
+    def missing(value) -> bool:
+        return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+
     def cell(column: str, value) -> str:
-        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        if missing(value):
             return "—"
-        if isinstance(value, (int, np.integer)) or column == "params":
+        if isinstance(value, (int, np.integer)) or column in ("params", "seeds") or column.endswith(" seeds"):
             return f"{value:,.0f}"
         if isinstance(value, (float, np.floating)):
+            if column.endswith("epochs") and float(value).is_integer():
+                return f"{value:.0f}"
             return f"{value:+,.2f}" if "diff" in column else f"{value:,.2f}" if abs(value) < 1e5 else f"{value:,.0f}"
         return str(value)
 
-    return pd.DataFrame({c: [cell(c, v) for v in table[c]] for c in table.columns}, index=table.index)
+    cells = {}
+    for column in table.columns:
+        if column.endswith(" sd") and column.removesuffix(" sd") in table:
+            continue
+        cells[column] = [cell(column, v) for v in table[column]]
+        if f"{column} sd" in table:
+            cells[column] = [text if missing(sd) else f"{text} ± {sd:.2f}"
+                             for text, sd in zip(cells[column], table[f"{column} sd"])]
+    return pd.DataFrame(cells, index=table.index)
 
 
 def markdown(table: pd.DataFrame) -> str:
     text = formatted(table)
-    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
-    lines = ["| " + " | ".join(table.columns) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in text.columns]
+    lines = ["| " + " | ".join(text.columns) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in text.itertuples(index=False))])
 
 
@@ -380,6 +498,7 @@ def write_report(best: pd.DataFrame, out: Path) -> tuple[dict[str, pd.DataFrame]
         "Perplexity vs training speed": plot_speed(board, out / "speed.png"),
         "Classes vs perplexity and speed": plot_classes(tables.get("table3", pd.DataFrame()), out / "classes.png"),
         "Validation perplexity per epoch": plot_epochs(best, out / "epochs.png"),
+        "Validation perplexity against wall-clock minutes": plot_wall_clock(best, tables, out / "wall_clock.png"),
     }.items() if path is not None}
 
     md = [f"# bench report\n\n{stamp}; studies: {', '.join(sorted(best['study'].unique()))}.\n"]

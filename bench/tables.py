@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+TARGETS = "minutes_to_target"
 COLUMNS = {
     "model": "model",
     "output": "output",
@@ -11,13 +12,19 @@ COLUMNS = {
     "corpus": "corpus",
     "parameters": "params",
     "epochs": "epochs",
+    "stopped_by": "stopped by",
+    "seeds": "seeds",
     "valid_ppl": "valid ppl",
     "test_ppl": "test ppl (NN)",
+    "test_ppl_sd": "test ppl (NN) sd",
     "nn_kn_test_ppl": "test ppl (NN+KN)",
+    "nn_kn_test_ppl_sd": "test ppl (NN+KN) sd",
     "oracle_ppl": "oracle ppl",
     "unigram_ppl": "unigram ppl",
     "tokens_per_second": "train tokens/s",
     "minutes_per_epoch": "min/epoch",
+    "wall_minutes": "wall min",
+    TARGETS: "",  # one column per target perplexity: "min to <target>" (minutes to that validation perplexity)
     "test_seconds": "test s",
     "peak_memory_mb": "peak MB",
 }
@@ -32,8 +39,11 @@ TAGGER_COLUMNS = {
     "direction": "direction",
     "parameters": "params",
     "epochs": "epochs",
+    "stopped_by": "stopped by",
+    "seeds": "seeds",
     "valid_f1": "valid F1",
     "test_f1": "test F1",
+    "test_f1_sd": "test F1 sd",
     "test_precision": "test precision",
     "test_recall": "test recall",
     "tokens_per_second": "train tokens/s",
@@ -49,9 +59,13 @@ def _table(records: list[dict], columns: dict) -> pd.DataFrame:
         config = record.get("config") or {}
         classes = config.get("classes") if config.get("output") == "class" else None
         direction = {True: "both", False: "left to right"}.get(config.get("bidirectional"), "")
+        targets = {f"min to {target}": minutes for target, minutes in (record.get(TARGETS) or {}).items()}
         rows.append({**record, "output": config.get("output", ""), "classes": "" if classes is None else str(classes),
-                     "cell": config.get("cell", ""), "layers": config.get("layers", ""), "direction": direction})
-    frame = pd.DataFrame(rows).reindex(columns=list(columns)).rename(columns=columns)
+                     "cell": config.get("cell", ""), "layers": config.get("layers", ""), "direction": direction,
+                     **targets})
+    names = list(dict.fromkeys(k for row in rows for k in row if k.startswith("min to ")))
+    order = [name for key in columns for name in (names if key == TARGETS else [key])]
+    frame = pd.DataFrame(rows).reindex(columns=order).rename(columns=columns)
     empty = [column for column in frame if (frame[column] == "").all()]  # e.g. classes without a class layer
     return frame.drop(columns=empty).dropna(axis=1, how="all")
 

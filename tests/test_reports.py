@@ -1,3 +1,4 @@
+import itertools
 import math
 import re
 import shutil
@@ -19,14 +20,18 @@ from bench.reports import (
 )
 from bench.store import open_storage, save_record
 
+SEARCHED = itertools.count()
 
-def record(model, corpus="synthetic", valid=100.0, test=110.0, output="full", classes=None, **extra):
-    config = {"model": model, "corpus": corpus, "output": output, **({"classes": classes} if classes else {})}
+
+def record(model, corpus="synthetic", valid=100.0, test=110.0, output="full", classes=None, seed=0, **extra):
+    """A run's record; each call another searched setting (its own lr) unless `lr` is given."""
+    config = {"model": model, "corpus": corpus, "output": output, **({"classes": classes} if classes else {}),
+              "lr": extra.pop("lr", next(SEARCHED)), "seed": seed, **({} if model == "kn" else {"schedule": "rnnlm"})}
     return {"model": model, "corpus": corpus, "valid_ppl": valid, "test_ppl": test, "tokens_per_second": 1000.0,
             "minutes_per_epoch": 0.5, "test_seconds": 2.0, "parameters": 12345, "peak_memory_mb": 300.0,
             "valid_ppl_per_epoch": [valid * 1.5, valid], "oracle_ppl": 50.0 if corpus == "synthetic" else None,
             "device": "cpu", "git_commit": "abcdef1234567890", "versions": {"torch": "2.13.0"}, "config": config,
-            **extra}
+            "seed": seed, "stopped_by": "schedule", **extra}
 
 
 @pytest.fixture
@@ -48,11 +53,11 @@ def storage_url(tmp_path):
                 "train-rnn-bptt-ptb")
     save_record(record("rnn-bptt", "ptb", valid=128, test=130, nn_kn_test_ppl=110.0, test_seconds=5.0), storage,
                 "train-rnn-bptt-ptb")
-    tagger = {"model": "birnn", "corpus": "conll2000", "parameters": 999, "device": "cpu", "config": {}}
-    save_record({**tagger, "valid_f1": 0.91, "test_f1": 0.90, "test_precision": 0.92, "test_recall": 0.88}, storage,
-                "train-birnn-conll2000", metric="valid_f1")
-    save_record({**tagger, "valid_f1": 0.85, "test_f1": 0.95, "test_precision": 0.95, "test_recall": 0.95}, storage,
-                "train-birnn-conll2000", metric="valid_f1")
+    tagger = {"model": "birnn", "corpus": "conll2000", "parameters": 999, "device": "cpu"}
+    save_record({**tagger, "config": {"lr": 0.01}, "valid_f1": 0.91, "test_f1": 0.90, "test_precision": 0.92,
+                 "test_recall": 0.88}, storage, "train-birnn-conll2000", metric="valid_f1")
+    save_record({**tagger, "config": {"lr": 0.02}, "valid_f1": 0.85, "test_f1": 0.95, "test_precision": 0.95,
+                 "test_recall": 0.95}, storage, "train-birnn-conll2000", metric="valid_f1")
     optuna.create_study(study_name="empty", storage=storage)
     return url
 
@@ -76,7 +81,7 @@ def test_taggers_of_another_depth_cell_or_direction_are_other_configurations(tmp
     for cell, layers, bidirectional, valid_f1 in [("elman", 1, True, 0.90), ("elman", 2, True, 0.91),
                                                   ("elman", 2, True, 0.89), ("lstm", 2, True, 0.92),
                                                   ("lstm", 2, False, 0.70)]:
-        config = {"model": "birnn", "cell": cell, "layers": layers, "bidirectional": bidirectional}
+        config = {"model": "birnn", "cell": cell, "layers": layers, "bidirectional": bidirectional, "lr": valid_f1}
         save_record({"model": "birnn", "corpus": "conll2000", "valid_f1": valid_f1, "test_f1": valid_f1,
                      "config": config}, storage, "depth", metric="valid_f1")
     best = best_per_configuration(load_runs(url))
@@ -89,8 +94,9 @@ def test_taggers_of_another_depth_cell_or_direction_are_other_configurations(tmp
 def test_table2_lines_up_with_the_paper(storage_url):
     table = table2(best_per_configuration(load_runs(storage_url))).set_index("model")
     assert list(table.index) == ["KN5", "feed-forward", "RNN-BP", "RNN-BPTT", "GRU", "LSTM"]
-    assert list(table.columns) == ["ptb NN", "ptb paper NN", "ptb diff NN", "ptb NN+KN", "ptb paper NN+KN",
-                                   "ptb diff NN+KN", "synthetic NN", "synthetic NN+KN"]
+    assert list(table.columns) == ["ptb epochs", "ptb stopped by", "ptb seeds", "ptb NN", "ptb paper NN",
+                                   "ptb diff NN", "ptb NN+KN", "ptb paper NN+KN", "ptb diff NN+KN", "synthetic epochs",
+                                   "synthetic stopped by", "synthetic seeds", "synthetic NN", "synthetic NN+KN"]
     bptt = table.loc["RNN-BPTT"]
     assert (bptt["ptb NN"], bptt["ptb paper NN"], bptt["ptb diff NN"]) == (130, 123, 7)
     assert (bptt["ptb NN+KN"], bptt["ptb paper NN+KN"], bptt["ptb diff NN+KN"]) == (110, 106, 4)
@@ -111,6 +117,44 @@ def test_table3_classes_against_the_paper(storage_url):
     assert table["diff test s"].tolist() == pytest.approx([2.0 - 5.6, 5.0 - 212])
 
 
+def test_seeds_of_a_setting_are_one_row_with_mean_sd_and_count(tmp_path):
+    storage = open_storage(url := f"sqlite:///{tmp_path}/seeds.db")
+    for seed, test in enumerate([140.0, 142.0, 147.0]):
+        save_record(record("rnn-bptt", "ptb", valid=150 + seed, test=test, output="class", classes=100, lr=10.0,
+                           seed=seed), storage, "table3")
+    save_record(record("rnn-bptt", "ptb", valid=155, test=999.0, output="class", classes=100, lr=10.0, seed=2),
+                storage, "again")  # seed 2 run once more: the latest run of a seed counts, once
+    save_record(record("rnn-bptt", "ptb", valid=140, test=139.0, output="class", classes=100, lr=30.0), storage,
+                "table3")  # better on validation, but one seed of another setting: the 3-seed setting loses
+    table = table3(best_per_configuration(load_runs(url)))
+    assert table["test ppl"].tolist() == [139.0]
+    storage = open_storage(url := f"sqlite:///{tmp_path}/three.db")
+    for seed, test in enumerate([140.0, 142.0, 147.0]):
+        save_record(record("rnn-bptt", "ptb", valid=150, test=test, output="class", classes=100, lr=10.0, seed=seed),
+                    storage, "table3")
+    row = table3(best_per_configuration(load_runs(url))).iloc[0]
+    assert (row["seeds"], row["test ppl"]) == (3, 143.0)
+    assert row["test ppl sd"] == pytest.approx(((3**2 + 1 + 4**2) / 2) ** 0.5)
+    assert row["diff test ppl"] == pytest.approx(143.0 - 136)
+    markdown_row = [line for line in make_report(url, None, tmp_path / "out", use_wandb=False) and
+                    (tmp_path / "out" / "README.md").read_text().splitlines() if line.startswith("| ptb | 100")]
+    assert "143.00 ± 3.61" in markdown_row[0]
+
+
+def test_a_run_cut_short_is_marked_has_no_difference_to_the_paper_and_loses_to_a_finished_one(tmp_path):
+    storage = open_storage(url := f"sqlite:///{tmp_path}/cut.db")
+    save_record(record("rnn-bptt", "ptb", valid=300, test=290.0, epochs=1, stopped_by="max_epochs"), storage, "t")
+    table = table2(best_per_configuration(load_runs(url))).set_index("model").loc["RNN-BPTT"]
+    assert table["ptb NN"] == 290 and math.isnan(table["ptb diff NN"])
+    assert table["ptb stopped by"] == "cut short: max_epochs" and table["ptb epochs"] == 1
+    save_record(record("rnn-bptt", "ptb", valid=310, test=295.0, epochs=20, stopped_by="schedule"), storage, "t")
+    table = table2(best_per_configuration(load_runs(url))).set_index("model").loc["RNN-BPTT"]
+    assert (table["ptb NN"], table["ptb diff NN"], table["ptb stopped by"]) == (295, 295 - 123, "its schedule")
+    lstm = record("lstm", "ptb", valid=120, test=116.0, epochs=13, stopped_by="max_epochs")
+    save_record({**lstm, "config": {**lstm["config"], "schedule": "zaremba"}}, storage, "t")
+    assert table2(best_per_configuration(load_runs(url))).set_index("model").loc["LSTM", "ptb diff NN"] == 1.5
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     speed = [100, 200, 300, 300, 50, 400]
     perplexity = [90, 100, 95, 120, 80, 130]
@@ -129,7 +173,7 @@ def test_report_files(storage_url, tmp_path, capsys):
     assert board["oracle ppl"].isna().tolist() == [True, True, False, False, False]
     assert pd.read_csv(out / "taggers.csv", comment="#")["test F1"].tolist() == [0.90]
     readme = (out / "README.md").read_text()
-    assert "| RNN-BPTT | 130.00 | 123.00 | +7.00 | 110.00 | 106.00 | +4.00 |" in readme
+    assert "| RNN-BPTT | — | its schedule | 1 | 130.00 | 123.00 | +7.00 | 110.00 | 106.00 | +4.00 |" in readme
     assert "runs: 1 runs" not in readme and "commit abcdef1234" in readme and "![" in readme
     first_lines = (out / "table3.csv").read_text().splitlines()[:3]
     assert first_lines[1].startswith("# runs: 2 runs · commit abcdef1234 (2) · device cpu (2) · torch 2.13.0")
