@@ -111,10 +111,12 @@ def command_train(args) -> None:
     from bench.models import REGISTRY
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
+    from bench.threads import use_threads
 
     config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
     if args.seeds < 1:
         raise BenchError(f"--seeds must be positive, got {args.seeds}")
+    use_threads()
     storage = open_storage(args.storage)
     study = f"train-{args.model}-{args.corpus}"
     records = []
@@ -140,9 +142,11 @@ def command_run(args) -> None:
     from bench.models import REGISTRY
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
+    from bench.threads import use_threads
 
     models = args.models or [m for m in REGISTRY if args.corpus in TASK_CORPORA[REGISTRY[m].task]]
     configs = [make_config(model, {"corpus": args.corpus}, quick=True) for model in models]
+    use_threads()
     storage = open_storage(args.storage)
     records = []
     for number, config in enumerate(configs, 1):
@@ -202,6 +206,9 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.threads import quiet_waits
+
+    quiet_waits()  # before anything imports torch
     try:
         args = build_parser().parse_args(argv)
         quiet_libraries()

@@ -349,6 +349,7 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),
         "device": device,
+        "threads": torch.get_num_threads(),
         "seed": config["seed"],
         "git_commit": commit,
         "versions": library_versions(),

@@ -49,6 +49,7 @@ from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
 from bench.records import plain
 from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, redact
 from bench.sweep_spec import SweepSpec
+from bench.threads import use_threads
 
 STARTING_SECONDS = 60  # a running trial names its worker within moments; one that never did is stale by then
 PLACE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -281,10 +282,12 @@ class Worker:
     storage_url: str | None
     objective: Objective
     init: object = None  # called first in a worker process (the CLI's quiet_libraries)
+    workers: int = 1  # processes sharing this machine's cores
 
     def __call__(self, index: int) -> None:
         if self.init is not None:
             self.init()
+        use_threads(self.workers)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by report_trial, one line
         storage = open_storage(self.storage_url, heartbeat=True)
         seed_salt = (len(optuna.load_study(study_name=self.spec.study, storage=storage).trials), index)
@@ -356,7 +359,7 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
           + (" (no login: runs kept in ./wandb or $WANDB_DIR; `wandb sync` uploads them)" if mode == "offline"
              else ""), flush=True)
     objective = Objective(spec, total, data_dir, mode, progress and n_jobs == 1, run_root, keep)
-    worker = Worker(spec, storage_url, objective, worker_init)
+    worker = Worker(spec, storage_url, objective, worker_init, min(n_jobs, max(owed, 1)))
     if owed > 0 and n_jobs == 1:
         worker(0)
     elif owed > 0:
