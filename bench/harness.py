@@ -211,6 +211,20 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
+    """The roofline a run's achieved GFLOP/s is a fraction of: fp32 matrix-product throughput on `device` now,
+    at the process's thread count -- the best 1024^3 product (in wall time) over `seconds`."""
+    a, b = (torch.randn(1024, 1024, device=device) for _ in range(2))
+    out, best, end = torch.mm(a, b), 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * 1024**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = True,
                   checkpoint_dir: str | None = None) -> pl.Trainer:
     return pl.Trainer(
@@ -287,6 +301,16 @@ def minutes_to_target(curve: list[tuple[int, float, float]], targets: list[float
             for target in targets}
 
 
+def efficiency(model: pl.LightningModule, tokens_per_second: float) -> dict:
+    """Achieved training GFLOP/s (the model's FLOPs per token times its speed) beside the matmul roofline
+    measured now in this process, and their ratio; nothing for a model that does not count its FLOPs."""
+    flops = getattr(model, "training_flops_per_token", lambda: None)()
+    if not flops or not tokens_per_second:
+        return {}
+    achieved, roofline = flops * tokens_per_second / 1e9, matmul_gflops(model.device)
+    return {"gflops": achieved, "matmul_gflops": roofline, "roofline_fraction": achieved / roofline}
+
+
 def run_experiment(config: dict, data_dir: str | None = None, logger=None, callbacks: tuple = (),
                    progress: bool = True, run_dir: Path | None = None, resume: bool = False,
                    keep: str = "best") -> dict:
@@ -333,13 +357,15 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         record |= {"oracle_ppl": corpus.oracle_perplexity("test"), "unigram_ppl": corpus.unigram_perplexity("test"),
                    "minutes_to_target": minutes_to_target(speed.curve, config.get("target_ppl") or [])}
     device = str(model.device)
+    tokens_per_second = speed.train_tokens / max(sum(speed.train_seconds), 1e-9)
     batches_per_epoch = trainer.num_training_batches
     epochs = speed.train_batches / batches_per_epoch if batches_per_epoch else trained
     record |= {
         # whole epochs, or the fraction trained when a budget cut the last one short
         "epochs": trained if speed.train_batches == trained * batches_per_epoch else round(epochs, 3),
         "stopped_by": ended_by,
-        "tokens_per_second": speed.train_tokens / max(sum(speed.train_seconds), 1e-9),
+        "tokens_per_second": tokens_per_second,
+        **efficiency(model, tokens_per_second),
         "minutes_per_epoch": sum(speed.train_seconds) / max(epochs, 1e-9) / 60 if trained else 0.0,
         "wall_minutes": speed.wall_seconds() / 60,
         "curve": [{"epoch": epoch, "wall_minutes": seconds / 60, model.MONITOR: value}

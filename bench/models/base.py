@@ -136,6 +136,17 @@ class LanguageModel(ScoredModel):
     def init_state(self, batch_size: int):
         raise NotImplementedError
 
+    def hidden_flops_per_token(self) -> float | None:
+        """FLOPs (2 per multiply-add) of one token's forward pass up to the hidden vector; None: not known."""
+        return None
+
+    def training_flops_per_token(self) -> float | None:
+        """FLOPs of one training token: forward through the output layer, and a backward pass of about twice
+        the forward's (a gradient for the inputs and one for the weights of every product)."""
+        hidden = self.hidden_flops_per_token()
+        output = getattr(self.output, "flops_per_token", None)
+        return None if hidden is None or output is None else 3 * (hidden + output())
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["perplexities"] = self.perplexities  # a resumed run's record holds every epoch's figures
 

@@ -43,6 +43,9 @@ class ElmanLM(LanguageModel):
     def init_state(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(batch_size, self.recurrent.in_features, device=self.device)
 
+    def hidden_flops_per_token(self) -> float:
+        return 2.0 * self.recurrent.in_features * self.recurrent.out_features  # W h_{t-1}; U x_t is a lookup
+
     def forward(self, inputs: torch.Tensor, state: torch.Tensor):
         return self.recur(self.input(inputs), state)
 

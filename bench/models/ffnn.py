@@ -36,6 +36,9 @@ class FeedForwardLM(LanguageModel):
         # Before the start of a stream: sentence ends, like the <eos> that leads every stream.
         return torch.full((batch_size, self.context - 1), self.eos, dtype=torch.long, device=self.device)
 
+    def hidden_flops_per_token(self) -> float:
+        return 2.0 * self.hidden.in_features * self.hidden.out_features
+
     def forward(self, inputs: torch.Tensor, state: torch.Tensor):
         window = torch.cat([state, inputs], dim=1)  # (B, n-2+T)
         contexts = window.unfold(1, self.context, 1).flip(-1)  # (B, T, n-1), most recent word first

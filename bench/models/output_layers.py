@@ -46,6 +46,10 @@ class FullSoftmax(nn.Module):
         """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,)."""
         return F.cross_entropy(self.decoder(hidden), target, reduction="none")
 
+    def flops_per_token(self) -> float:
+        """Multiply-add FLOPs (2 per multiply-add) of one token's forward pass."""
+        return 2.0 * self.decoder.in_features * self.decoder.out_features
+
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log p(w | hidden) for every word: (N, V). Used by tests and interpolation, not in training."""
         return F.log_softmax(self.decoder(hidden), dim=-1)
@@ -165,6 +169,9 @@ class ClassSoftmax(nn.Module):
         self.register_buffer("class_start", torch.from_numpy(class_start))
         self.class_decoder = nn.Linear(hidden_size, classes)
         self.word_decoder = nn.Linear(hidden_size, vocab_size)  # row w scores word w within its class
+        # a training token's class size, averaged over the training words (the within-class product's width)
+        size = np.diff(class_start)[word_class]
+        self.mean_class_size = float((counts * size).sum() / max(counts.sum(), 1))
 
     def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,).
@@ -188,6 +195,10 @@ class ClassSoftmax(nn.Module):
                                         self.word_decoder.bias, self.word_pos[target[tokens]], classes)
         return nll.index_add(0, tokens, word_nll)
 
+    def flops_per_token(self) -> float:
+        """Multiply-add FLOPs of one token's forward pass: the class logits and its class's word logits."""
+        return 2.0 * self.class_decoder.in_features * (self.class_decoder.out_features + self.mean_class_size)
+
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log p(w | hidden) for every word: (N, V). Used by tests and interpolation, not in training."""
         class_lp = F.log_softmax(self.class_decoder(hidden), dim=-1)
@@ -204,8 +215,9 @@ class ClassSoftmax(nn.Module):
 class AdaptiveSoftmax(nn.Module):
     """torch.nn.AdaptiveLogSoftmaxWithLoss (Grave et al. 2017) behind the interface of the other layers."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, cutoffs=None, div_value: float = 4.0):
+    def __init__(self, hidden_size: int, counts: np.ndarray, cutoffs=None, div_value: float = 4.0):
         super().__init__()
+        vocab_size = len(counts)
         if cutoffs is None:  # head ~ the most frequent 20% of the vocabulary, two tail clusters
             cutoffs = sorted({min(max(round(f * vocab_size), 1), vocab_size - 1) for f in (0.2, 0.6)})
         if (not isinstance(cutoffs, (list, tuple)) or not cutoffs or not all(_is_int(c) for c in cutoffs)
@@ -216,10 +228,21 @@ class AdaptiveSoftmax(nn.Module):
             raise BenchError(f"div_value must be a positive number, got {div_value!r}")
         self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, [int(c) for c in cutoffs],
                                                       div_value=float(div_value))
+        # each tail cluster's share of the training tokens (word ids are sorted by count)
+        bounds = [*self.adaptive.cutoffs[:-1], vocab_size]
+        self.cluster_mass = [float(counts[a:b].sum() / max(counts.sum(), 1)) for a, b in zip(bounds, bounds[1:])]
 
     def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,)."""
         return -self.adaptive(hidden, target).output
+
+    def flops_per_token(self) -> float:
+        """Multiply-add FLOPs of one token's forward pass: the head, and a tail cluster's projection and
+        logits for the tokens of that cluster."""
+        head = self.adaptive.head
+        tails = sum(mass * sum(2.0 * layer.in_features * layer.out_features for layer in tail)
+                    for mass, tail in zip(self.cluster_mass, self.adaptive.tail))
+        return 2.0 * head.in_features * head.out_features + tails
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log p(w | hidden) for every word: (N, V). Used by tests and interpolation, not in training."""
@@ -241,5 +264,5 @@ def build_output_layer(kind: str, hidden_size: int, counts: np.ndarray, **option
     if kind == "class":
         return ClassSoftmax(hidden_size, counts, **options)
     if kind == "adaptive":
-        return AdaptiveSoftmax(hidden_size, len(counts), **options)
+        return AdaptiveSoftmax(hidden_size, counts, **options)
     return FullSoftmax(hidden_size, len(counts))

@@ -43,6 +43,12 @@ class RecurrentLM(LanguageModel):
         h = torch.zeros(self.rnn.num_layers, batch_size, self.rnn.hidden_size, device=self.device)
         return (h, torch.zeros_like(h)) if isinstance(self.rnn, nn.LSTM) else h
 
+    def hidden_flops_per_token(self) -> float:
+        gates = 4 if isinstance(self.rnn, nn.LSTM) else 3
+        width, hidden = self.rnn.input_size, self.rnn.hidden_size
+        return sum(2.0 * gates * hidden * ((width if layer == 0 else hidden) + hidden)
+                   for layer in range(self.rnn.num_layers))
+
     def forward(self, inputs: torch.Tensor, state):
         hidden, state = self.rnn(self.drop(self.embedding(inputs)), state)
         return self.drop(hidden), state
