@@ -58,6 +58,7 @@ def build_parser() -> Parser:
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
     run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus)")
+    run.add_argument("--seeds", type=int, default=1, help="runs of each model with seeds 0, 1, ... (default: 1)")
     common_options(run)
 
     sweep = commands.add_parser("sweep", help="an Optuna study over a spec (sweeps/*.yaml): trials stored as runs, "
@@ -144,20 +145,30 @@ def command_run(args) -> None:
     from bench.tables import print_tables
     from bench.threads import use_threads
 
+    if args.seeds < 1:
+        raise BenchError(f"--seeds must be positive, got {args.seeds}")
     models = args.models or [m for m in REGISTRY if args.corpus in TASK_CORPORA[REGISTRY[m].task]]
-    configs = [make_config(model, {"corpus": args.corpus}, quick=True) for model in models]
+    configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
+               for model in models for seed in range(args.seeds)]
     use_threads()
     storage = open_storage(args.storage)
-    records = []
-    for number, config in enumerate(configs, 1):
-        print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}", flush=True)
-        spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
-        study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
-        record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress,
-                                run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)
-        save_record(record, storage, study, spec.metric)
-        records.append(record)
-    print_tables(records)
+    records, finished = [], False
+    try:
+        for number, config in enumerate(configs, 1):
+            print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}"
+                  + (f", seed {config['seed']}" if args.seeds > 1 else ""), flush=True)
+            spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
+            study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
+            record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress,
+                                    run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)
+            save_record(record, storage, study, spec.metric)
+            records.append(record)
+            print_tables([record])  # each row as its model finishes
+        finished = True
+    finally:  # the whole table at the end, and of the runs that finished when something stopped the rest
+        if records:
+            print(f"\n{'All' if finished else f'Stopped after {len(records)} of {len(configs)}'} runs:")
+            print_tables(records)
 
 
 def command_report(args) -> None:

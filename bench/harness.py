@@ -111,9 +111,10 @@ class EpochLines(pl.Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.speed.curve:
             return
         epoch, seconds, value = self.speed.curve[-1]
-        rates = [group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        print(f"{self.label} epoch {epoch}: {self.speed.monitor} {value:.2f}, lr {rates[0]:.4g}, "
-              f"{seconds / 60:.1f} min", flush=True)
+        rate = next((f", lr {group['lr']:.4g}" for optimizer in trainer.optimizers
+                     for group in optimizer.param_groups), "")  # the n-gram model has no optimizer
+        print(f"{self.label} epoch {epoch}: {self.speed.monitor} {value:.2f}{rate}, {seconds / 60:.1f} min",
+              flush=True)
 
 
 class RandomStates(pl.Callback):

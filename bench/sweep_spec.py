@@ -44,6 +44,7 @@ SPEC_KEYS = {
     "sampler": "tpe, random or grid, or {type: ..., Optuna options}",
     "pruner": "median, hyperband or none, or {type: ..., Optuna options}",
     "trials": "trials in the study in total",
+    "seeds": "with a grid: run every grid point with each of these seeds (a count n: seeds 0..n-1)",
     "budget": "per trial: {epochs, minutes}",
 }
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
@@ -345,11 +346,32 @@ class SpecReader:
             if not (item is None or isinstance(item, (str, int, float, bool))):
                 raise self.fail((*keys, index), f"values must be numbers, strings or booleans, got {item!r}")
 
+    def read_seeds(self) -> list[int] | None:
+        """`seeds:` as a list of seeds (a count n is 0..n-1); only a grid repeats its points over seeds (a search
+        would pick among seeds as if they were settings)."""
+        seeds = self.data.get("seeds")
+        if seeds is None:
+            return None
+        if "grid" not in self.data:
+            raise self.fail(("seeds",), "seeds repeat the points of a grid; a search picks settings (run the one it "
+                                        "finds with `bench train --seeds N`)")
+        if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1:
+            return list(range(seeds))
+        if (isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)):
+            return seeds
+        raise self.fail(("seeds",), f"a count, or a list of distinct non-negative seeds, got {seeds!r}")
+
     def read_grid(self) -> tuple[dict[str, list], dict[str, dict]]:
-        grid = self.data.get("grid")
+        grid, seeds = self.data.get("grid"), self.read_seeds()
         if grid is None:
             return {}, {}
         products = grid if isinstance(grid, list) else [grid]
+        if seeds is not None and any(isinstance(p, dict) and "seed" in p for p in products):
+            raise self.fail(("seeds",), "the grid sets seed itself; give the seeds in one place")
+        if seeds is not None:
+            products = [{**p, "seed": seeds} if isinstance(p, dict) else p for p in products]
+            grid = products if isinstance(grid, list) else products[0]
         if not products or not all(isinstance(p, dict) and p for p in products):
             raise self.fail(("grid",), "a mapping of parameter: [values], or a list of such mappings")
         for index, product in enumerate(products):

@@ -40,3 +40,37 @@ def test_console_script_help_and_exit_code():
     assert done.returncode == 0 and "--set KEY=VALUE" in done.stdout
     done = subprocess.run([sys.executable, "-m", "bench.cli", "train"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_run_prints_each_row_as_its_model_finishes_and_the_finished_ones_when_stopped(tmp_path, capsys, monkeypatch):
+    import bench.harness
+
+    real = bench.harness.run_experiment
+    calls = []
+
+    def second_run_interrupted(config, **kwargs):
+        calls.append(config["model"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real({**config, "max_epochs": 1, "limit_train_batches": 5}, **kwargs)
+
+    monkeypatch.setattr(bench.harness, "run_experiment", second_run_interrupted)
+    argv = ["run", "--models", "kn", "rnn-bptt", "lstm", "--storage", f"sqlite:///{tmp_path}/r.db", "--run-dir",
+            str(tmp_path / "runs"), "--no-progress"]
+    assert main(argv) == 130
+    out = capsys.readouterr().out
+    first_row = out.index("   kn synthetic")  # kn's row printed after its run, before the second run started
+    assert first_row < out.index("[2/3] rnn-bptt") < out.index("Stopped after 1 of 3 runs:")
+    assert calls == ["kn", "rnn-bptt"]
+
+
+def test_seeds_make_one_stored_run_each(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/r.db"
+    argv = ["train", "kn", "--corpus", "synthetic", "--set", "order=2", "--seeds", "2", "--storage", storage,
+            "--run-dir", str(tmp_path / "runs"), "--no-progress"]
+    assert main(argv) == 0
+    trials = optuna.load_study(study_name="train-kn-synthetic", storage=storage).trials
+    assert [t.user_attrs["record"]["seed"] for t in trials] == [0, 1]
+    assert main([*argv, "--resume"]) == 0  # finished runs are not run again, nor stored twice
+    assert "seed 1: finished earlier" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="train-kn-synthetic", storage=storage).trials) == 2

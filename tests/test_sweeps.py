@@ -18,6 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from bench.cli import main
+from bench.errors import BenchError
 from bench.models import REGISTRY
 from bench.reports import load_runs
 from bench.store import SUMMARY_KEYS, open_storage
@@ -322,3 +323,29 @@ def test_every_shipped_spec_is_valid_and_runs_a_tiny_trial(tmp_path, path, monke
                                                      fixed={**spec.fixed, "eval_batch_size": 64})
     table = run_sweep(tiny, trials=1, storage_url=f"sqlite:///{tmp_path}/r.db", progress=False)
     assert table["state"].tolist() == ["COMPLETE"]
+
+
+def test_seeds_repeat_every_grid_point_and_are_refused_for_a_search(tmp_path):
+    spec = load_spec(write_spec(tmp_path, TINY + "grid:\n  - {output: [class], classes: [2, 4]}\n  - {output: [full]}\n"
+                                                   "seeds: 2\n"))
+    assert spec.grid_size == 6 and spec.trials == 6
+    assert sorted((p.get("classes", 0), p["seed"]) for p in spec.grid_points.values()) == [
+        (0, 0), (0, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
+    with pytest.raises(BenchError, match=r"spec.yaml, line \d+, seeds: seeds repeat the points of a grid"):
+        load_spec(write_spec(tmp_path, TINY + "search:\n  lr: {type: float, low: 1, high: 2}\nseeds: 3\n"))
+    with pytest.raises(BenchError, match="the grid sets seed itself"):
+        load_spec(write_spec(tmp_path, TINY + "grid: {seed: [0, 1]}\nseeds: 2\n"))
+
+
+def test_threads_follow_omp_num_threads_else_the_idle_cores(monkeypatch):
+    from bench import threads
+
+    assert 0 <= threads.idle_cores(0.05) <= os.cpu_count() + 1e-9
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")
+    assert threads.compute_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "idle_cores", lambda: 0.3)  # another job holds every core: one thread still
+    assert threads.compute_threads() == 1
+    monkeypatch.setattr(threads, "idle_cores", lambda: 1.8)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    assert threads.compute_threads() == 2 and threads.compute_threads(workers=2) == 1
