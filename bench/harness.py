@@ -335,11 +335,14 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         folder = Path(run_dir) if run_dir is not None else Path(temporary)
         resume_from = prepare_run_dir(folder, config, resume)
         checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=model.MONITOR, mode=model.MODE,
-                                     save_last=True, enable_version_counter=False)
+                                     enable_version_counter=False)
+        # Every epoch's state, in a checkpoint of its own: ModelCheckpoint's save_last writes only when the
+        # monitored metric improved, so a resume would repeat the epochs since the last improvement.
+        last = ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False)
         schedule = schedule_callbacks(config, model.MONITOR, model.MODE)
         lines = [] if progress else [EpochLines(speed, folder.name if run_dir is not None else config["model"])]
-        trainer = build_trainer(config, [speed, *lines, RandomStates(), *schedule, checkpoint, *callbacks], logger,
-                                progress, str(folder))
+        trainer = build_trainer(config, [speed, *lines, RandomStates(), *schedule, checkpoint, last, *callbacks],
+                                logger, progress, str(folder))
         trainer.fit(model, datamodule=data, ckpt_path=resume_from)
         # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint. The weights
         # alone: trainer.test(ckpt_path=...) would also restore the callbacks' and the module's state of that

@@ -34,8 +34,8 @@ class Crash(pl.Callback):
     def __init__(self, epochs: int):
         self.epochs = epochs
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 == self.epochs:
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epochs:
             raise Killed
 
 
@@ -48,11 +48,15 @@ def test_a_resumed_run_ends_with_the_record_of_an_uninterrupted_one(tiny_ptb, mo
     whole = run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=tiny_ptb / "whole")
     with pytest.raises(Killed):
         run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=tiny_ptb / "cut", callbacks=(Crash(2),))
+    # every epoch is checkpointed, the ones that did not improve too (rnn-bptt's epoch 2 here got worse)
+    assert torch.load(tiny_ptb / "cut" / "last.ckpt", weights_only=True)["epoch"] == 1
     resumed = run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=tiny_ptb / "cut", resume=True)
     assert whole["test_ppl"] == pytest.approx(resumed["test_ppl"], rel=1e-6)
     for key in SAME_RUN:
         assert resumed[key] == pytest.approx(whole[key], rel=1e-9), key
     assert (whole["resumed"], resumed["resumed"]) == (0, 1)
+    if model == "rnn-bptt":
+        assert whole["valid_ppl_per_epoch"][1] > whole["valid_ppl_per_epoch"][0]  # the worse epoch 2
     assert [point["epoch"] for point in resumed["curve"]] == [1, 2, 3, 4]
     times = [point["wall_minutes"] for point in resumed["curve"]]
     assert times == sorted(times)  # the clock goes on from the checkpoint, never back
