@@ -103,7 +103,7 @@ LM_KEYS = ("bptt", "eval_batch_size", "target_ppl")
 NEURAL_LM_KEYS = ("output", "classes", "class_binning", "cutoffs", "div_value", "kn_order")
 OUTPUT_OPTIONS = {"classes": "class", "class_binning": "class", "cutoffs": "adaptive", "div_value": "adaptive"}
 QUICK_DEFAULTS = dict(kn_order=5)  # the quick suite shows every neural model's NN+KN column
-HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=16, max_epochs=20, max_minutes=60.0,
+HARNESS_DEFAULTS = dict(corpus="synthetic", seed=0, eval_batch_size=16, max_epochs=20, max_minutes=1440.0,
                         clip=0.0, kn_order=0, output="full", l2=0.0, init_range=0.0, schedule="plateau")
 
 
