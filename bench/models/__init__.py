@@ -51,8 +51,8 @@ ZAREMBA_SMALL = dict(embedding_size=200, hidden_size=200, layers=2, dropout=0.0,
                      lr=20.0, clip=0.25, init_range=0.1, schedule="zaremba", decay=0.5, decay_after=4, bptt=20,
                      batch_size=20, max_epochs=13)
 # Mikolov et al. 2011's RNN (200 sigmoid units, BPTT 5) under the rnnlm toolkit's schedule.
-ELMAN = dict(hidden_size=200, activation="sigmoid", optimizer="sgd", lr=10.0, bptt=5, batch_size=32, clip=5.0,
-             schedule="rnnlm", max_epochs=40)
+ELMAN = dict(hidden_size=200, activation="sigmoid", dropout=0.0, optimizer="sgd", lr=10.0, bptt=5, batch_size=32,
+             clip=5.0, schedule="rnnlm", max_epochs=40)
 REGISTRY: dict[str, ModelSpec] = {
     # Long chunks: counting and scoring are vectorised over a chunk, so fewer, longer chunks spend less time
     # in the training loop (measured on PTB: 256-token chunks made the loop 8x slower than the counting);

@@ -3,7 +3,8 @@
     h_t = f(U x_t + W h_{t-1} + b)        x_t the 1-of-N code of word w_t, so U x_t is a row lookup
     p(w_{t+1} | w_{1..t}) = output(h_t)   (softmax(V h_t + c) with the full output layer)
 
-f is the sigmoid in Mikolov's RNNLM (tanh and relu are options).
+f is the sigmoid in Mikolov's RNNLM (tanh and relu are options). `dropout` (not in the paper, 0 by default)
+drops units of h_t on their way to the output layer only, never in the recurrence (Zaremba et al. 2014).
 
 Training (Mikolov et al. 2011, Table 2: "RNN trained by BP" vs "by BPTT"):
   bp:   the error is propagated one step only -- h_{t-1} is a constant for the gradient. Still exact and
@@ -32,8 +33,9 @@ from bench.models.ffnn import ACTIVATIONS
 
 class ElmanLM(LanguageModel):
     def __init__(self, vocab: Vocabulary, backprop: str = "bptt", hidden_size: int = 200,
-                 activation: str = "sigmoid", **options):
+                 activation: str = "sigmoid", dropout: float = 0.0, **options):
         super().__init__(vocab, hidden_size, **options)
+        self.drop = nn.Dropout(dropout)  # on the way to the output layer only, as Zaremba et al. 2014; 0 in the paper
         self.backprop = backprop
         self.input = nn.Embedding(len(vocab), hidden_size, sparse=self.sparse_embeddings)  # U, one column per word
         self.recurrent = nn.Linear(hidden_size, hidden_size)  # W and b
@@ -47,7 +49,8 @@ class ElmanLM(LanguageModel):
         return 2.0 * self.recurrent.in_features * self.recurrent.out_features  # W h_{t-1}; U x_t is a lookup
 
     def forward(self, inputs: torch.Tensor, state: torch.Tensor):
-        return self.recur(self.input(inputs), state)
+        hidden, state = self.recur(self.input(inputs), state)
+        return self.drop(hidden), state
 
     def recur(self, ux: torch.Tensor, state: torch.Tensor):
         """Hidden states (B, T, H) from the input projections U x_t (B, T, H) and h_0 = state."""
