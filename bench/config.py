@@ -88,6 +88,7 @@ MODEL = {
     "hidden_size": Param(int, 1, 1_000_000),
     "layers": Param(int, 1, 64),
     "dropout": Param(float, 0.0, 0.99),
+    "bptt_context": Param(int, 0, 10_000, help="steps before each chunk the gradient flows through too (rnn-bptt)"),
     "activation": Param(str, choices=("sigmoid", "tanh", "relu")),
     "tie_weights": Param(bool),
     "cell": Param(str, choices=("elman", "gru", "lstm"), help="recurrent cell of the tagger"),

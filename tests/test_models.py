@@ -45,6 +45,34 @@ def test_bp_and_bptt_compute_the_same_forward_values():
     torch.testing.assert_close(s_bp, s_bptt)
 
 
+@pytest.mark.parametrize("bptt,context", [(5, 3), (3, 5), (4, 4)])
+def test_bptt_context_runs_the_gradient_through_the_steps_before_the_chunk(bptt, context):
+    """Chunk 2's loss, with bptt_context K, equals the loss of one unrolled stream whose gradient is cut K steps
+    before chunk 2, in value and in every gradient; chunk 1 starts from the empty state."""
+    torch.manual_seed(0)
+    model = ElmanLM(VOCAB, backprop="bptt", hidden_size=8, bptt_context=context).double()
+    words = torch.randint(0, len(VOCAB), (2, 2 * bptt + 1))
+    inputs, targets = words[:, :-1], words[:, 1:]
+    state = model.init_state(2)
+    for chunk in range(2):
+        hidden, state = model(inputs[:, chunk * bptt:(chunk + 1) * bptt], base.detach(state))
+    loss = model.output(hidden.reshape(-1, 8), targets[:, bptt:].reshape(-1)).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    cut = max(bptt - context, 0)  # the gradient stops at the state after the first `cut` words
+    ux, h = model.input(inputs), torch.zeros(2, 8, dtype=torch.float64)
+    if cut:
+        with torch.no_grad():
+            _, h = model._unroll(ux[:, :cut], h)
+    states, _ = model._unroll(ux[:, cut:], h)
+    expected = model.output(states[:, -bptt:].reshape(-1, 8), targets[:, bptt:].reshape(-1)).sum()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(got.to_dense() if got.is_sparse else got,
+                                   want.to_dense() if want.is_sparse else want, rtol=0, atol=1e-12)
+    assert isinstance(model.eval().init_state(2), torch.Tensor)  # scoring carries the plain hidden state
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
 @pytest.mark.parametrize("backprop", ["bp", "bptt"])
 def test_elman_scoring_recurrence_equals_the_training_loop(backprop, activation):

@@ -10,7 +10,14 @@ Training (Mikolov et al. 2011, Table 2: "RNN trained by BP" vs "by BPTT"):
   bp:   the error is propagated one step only -- h_{t-1} is a constant for the gradient. Still exact and
         batched: run the recurrence once without gradient to get every h_{t-1}, then recompute all steps
         from their detached predecessors in one call.
-  bptt: truncated backpropagation through time over the `bptt` steps of each chunk.
+  bptt: truncated backpropagation through time over the `bptt` steps of each chunk, and, with
+        `bptt_context` K > 0, through the K steps before the chunk too. Those steps are run again, their
+        words not scored a second time, so that every word's error reaches K + 1 to K + bptt steps back --
+        as in the rnnlm toolkit, whose -bptt 5 sends each error 6 to 15 steps back -- and not 1 to bptt:
+
+            chunk n-1   ... w w w w w |                    state carried: h before the last K words
+            chunk n           |w w w w w w w w w w|        gradient through K + bptt steps,
+                               ^^^^^^^^^ K context          the loss of the bptt scored ones only
 
 Scoring runs the same recurrence through torch's C++ RNN loop (torch.rnn_tanh / rnn_relu), which takes
 sigmoid cells too through the identity sigmoid(a) = (1 + tanh(a / 2)) / 2: with g = 2h - 1,
@@ -33,24 +40,39 @@ from bench.models.ffnn import ACTIVATIONS
 
 class ElmanLM(LanguageModel):
     def __init__(self, vocab: Vocabulary, backprop: str = "bptt", hidden_size: int = 200,
-                 activation: str = "sigmoid", dropout: float = 0.0, **options):
+                 activation: str = "sigmoid", dropout: float = 0.0, bptt_context: int = 0, **options):
         super().__init__(vocab, hidden_size, **options)
         self.drop = nn.Dropout(dropout)  # on the way to the output layer only, as Zaremba et al. 2014; 0 in the paper
         self.backprop = backprop
+        self.context = bptt_context if backprop == "bptt" else 0
         self.input = nn.Embedding(len(vocab), hidden_size, sparse=self.sparse_embeddings)  # U, one column per word
         self.recurrent = nn.Linear(hidden_size, hidden_size)  # W and b
         self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
 
-    def init_state(self, batch_size: int) -> torch.Tensor:
-        return torch.zeros(batch_size, self.recurrent.in_features, device=self.device)
+    def init_state(self, batch_size: int):
+        h = self.recurrent.weight.new_zeros(batch_size, self.recurrent.in_features)
+        if self.training and self.context:  # h_t, h before the context words, the context words
+            return h, h, torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
+        return h
 
     def hidden_flops_per_token(self) -> float:
         return 2.0 * self.recurrent.in_features * self.recurrent.out_features  # W h_{t-1}; U x_t is a lookup
 
-    def forward(self, inputs: torch.Tensor, state: torch.Tensor):
+    def forward(self, inputs: torch.Tensor, state):
+        if isinstance(state, tuple):
+            return self._forward_with_context(inputs, *state)
         hidden, state = self.recur(self.input(inputs), state)
         return self.drop(hidden), state
+
+    def _forward_with_context(self, inputs: torch.Tensor, _, context_start: torch.Tensor, context: torch.Tensor):
+        """Training with `bptt_context`: run the context words again from the state before them (the
+        gradient flows through them), then the chunk; carry the state before the chunk's last K words."""
+        words = torch.cat([context, inputs], dim=1)
+        states, last = self._unroll(self.input(words), context_start)
+        kept = min(self.context, words.shape[1])
+        next_start = states[:, -kept - 1] if kept < words.shape[1] else context_start
+        return self.drop(states[:, context.shape[1]:]), (last, next_start, words[:, -kept:])
 
     def recur(self, ux: torch.Tensor, state: torch.Tensor):
         """Hidden states (B, T, H) from the input projections U x_t (B, T, H) and h_0 = state."""
