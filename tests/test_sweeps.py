@@ -100,7 +100,8 @@ def test_wandb_is_offline_without_credentials_online_with_them(offline_wandb, mo
 
 def test_sweep_stores_every_trial_as_a_run_with_one_wandb_run_each_and_resumes(offline_wandb, capsys):
     # a budget of whole epochs: the 0.6 s one of TINY cuts the epoch short on a slow machine
-    spec = write_spec(offline_wandb, TINY.replace("minutes: 0.01", "minutes: 5") + "study: tiny\nsearch:\n  lr: {type: log-float, low: 0.5, high: 5}\n"
+    spec = write_spec(offline_wandb, TINY.replace("minutes: 0.01", "minutes: 5") + "study: tiny\nsearch:\n"
+                                            "  lr: {type: log-float, low: 0.5, high: 5}\n"
                                             "sampler: {type: random, seed: 1}\npruner: none\ntrials: 3\n")
     storage = f"sqlite:///{offline_wandb}/results.db"
     assert main(["sweep", str(spec), "--storage", storage, "--no-progress"]) == 0
