@@ -35,6 +35,7 @@ import netrc
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,7 +48,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from bench.errors import BenchError
 from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
 from bench.records import plain
-from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, redact
+from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, redact, requeue_stale_trials
 from bench.sweep_spec import SweepSpec
 from bench.threads import use_threads
 
@@ -159,7 +160,7 @@ def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
 def recover_dead_trials(study: optuna.Study, storage) -> list[int]:
     """Fail the running trials whose worker is gone and requeue their parameters (as Optuna does for
     heartbeat-stale ones); returns their numbers. Only the worker whose state change succeeds requeues."""
-    requeue = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    requeue = requeue_stale_trials()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(trial):
@@ -348,7 +349,9 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     (cached_tagged_corpus if spec.task == "tagging" else cached_corpus)(spec.corpus, data_dir)
     storage = open_storage(storage_url, heartbeat=True)
     study = open_study(spec, storage)
-    optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
+    with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since: not the user's business
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
     recovered = recover_dead_trials(study, storage)
     if recovered:
         print(f"trials {', '.join(map(str, recovered))}: their worker is gone; failed and requeued", flush=True)
