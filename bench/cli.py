@@ -145,7 +145,6 @@ def command_train(args) -> None:
     if args.seeds < 1:
         raise BenchError(f"--seeds must be positive, got {args.seeds}")
     require(config["corpus"], args.data_dir)
-    quiet_libraries()  # after the checks: it loads Optuna and datasets (1.5 s)
 
     from bench.harness import finished_record, run_experiment, run_folder_name
     from bench.models import REGISTRY
@@ -153,6 +152,7 @@ def command_train(args) -> None:
     from bench.tables import print_tables
     from bench.threads import use_threads
 
+    quiet_libraries()
     use_threads()
     storage = open_storage(args.storage)
     study = f"train-{args.model}-{args.corpus}"
@@ -184,13 +184,13 @@ def command_run(args) -> None:
     configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
                for model in models for seed in range(args.seeds)]
     require(args.corpus, args.data_dir)
-    quiet_libraries()  # after the checks: it loads Optuna and datasets (1.5 s)
 
     from bench.harness import run_experiment, run_folder_name
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
     from bench.threads import use_threads
 
+    quiet_libraries()
     use_threads()
     storage = open_storage(args.storage)
     records, finished = [], False
@@ -251,7 +251,8 @@ COMMANDS = {"train": command_train, "run": command_run, "sweep": command_sweep, 
 
 
 def quiet_libraries() -> None:
-    """Keep Lightning's banners and advice out of the tables the suite prints."""
+    """Keep Lightning's banners and advice out of the tables the suite prints. Called once a command has
+    imported what it runs: importing Lightning sets its logger's level back to INFO."""
     import datasets
     import optuna
 

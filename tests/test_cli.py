@@ -68,6 +68,15 @@ def test_console_script_help_and_exit_code():
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
+def test_train_prints_its_table_and_none_of_lightnings_banners(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "train", "kn", "--no-progress", "--run-dir",
+                           str(tmp_path / "runs"), "--storage", f"sqlite:///{tmp_path}/results.db"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "test ppl" in done.stdout
+    assert not any(banner in done.stdout + done.stderr for banner in ("Tip", "GPU available", "LOCAL_RANK"))
+
+
 HELP_WITHOUT_TORCH = """
 import sys
 from bench.cli import main
