@@ -224,9 +224,16 @@ def stop_label(run) -> str:
     return f"cut short: {stopped}" if isinstance(stopped, str) else "cut short: unknown"
 
 
+def output_label(run) -> str:
+    """The run's output layer: "full", "class 100", "adaptive"; empty for a model without one (KN)."""
+    if not isinstance(run.get("output"), str):
+        return ""
+    return f"class {int(run['classes'])}" if run["output"] == "class" else run["output"]
+
+
 def table2(best: pd.DataFrame) -> pd.DataFrame:
     """Mikolov et al. 2011, Table 2: test perplexity of each model alone (NN) and interpolated with KN5
-    (NN+KN), per corpus, with each run's epochs and what stopped it; on PTB beside the paper's figures and
+    (NN+KN), per corpus, with each run's output layer, epochs and what stopped it; on PTB beside the paper's figures and
     the difference (ours - paper), left empty for a run cut short by a budget. Each cell is the model's best
     configuration on that corpus (lowest validation perplexity)."""
     lm = best[(best["task"] == "lm") & best["model"].isin(list(TABLE2_ROWS))]
@@ -235,6 +242,7 @@ def table2(best: pd.DataFrame) -> pd.DataFrame:
     paper = pd.DataFrame(PAPER_TABLE2, index=["NN", "NN+KN"]).T.reindex(list(TABLE2_ROWS)).astype(float)
     for corpus in _corpora(runs):
         measured = runs[runs["corpus"] == corpus].set_index("model").reindex(list(TABLE2_ROWS))
+        table[f"{corpus} output"] = [output_label(run) for _, run in measured.iterrows()]
         table[f"{corpus} epochs"] = measured["epochs"].to_numpy(dtype=float)
         table[f"{corpus} stopped by"] = [stop_label(run) if isinstance(run["record"], dict) else ""
                                          for _, run in measured.iterrows()]
