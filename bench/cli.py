@@ -38,14 +38,15 @@ def run_folder_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     from bench.data import CORPORA
-    from bench.models import REGISTRY
+    from bench.models.plugins import model_names
     from bench.regress import MIN_TIMED_SECONDS, QUALITY_BATCHES
 
     parser = Parser(prog="bench", description="Language-model benchmark suite (Mikolov et al. 2011 and beyond).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train and evaluate one model, print and store its record")
-    train.add_argument("model", help=f"one of: {', '.join(REGISTRY)}")
+    train.add_argument("model", help=f"one of: {', '.join(model_names())}; or a plugin class as "
+                                     "module.path:ClassName")
     train.add_argument("--corpus", default="synthetic", help=f"one of: {', '.join(CORPORA)} (default: synthetic)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a hyper-parameter (repeatable), e.g. --set hidden_size=200")
@@ -57,7 +58,8 @@ def build_parser() -> Parser:
 
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
-    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus)")
+    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus, "
+                                                 "installed plugins included)")
     run.add_argument("--seeds", type=int, default=1, help="runs of each model with seeds 0, 1, ... (default: 1)")
     common_options(run)
 
@@ -109,7 +111,7 @@ def command_train(args) -> None:
 
     from bench.config import make_config, parse_assignments
     from bench.harness import finished_record, run_experiment, run_folder_name
-    from bench.models import REGISTRY
+    from bench.models.plugins import model_spec
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
     from bench.threads import use_threads
@@ -130,7 +132,7 @@ def command_train(args) -> None:
         else:
             record = run_experiment(seeded, data_dir=args.data_dir, progress=not args.no_progress, run_dir=run_dir,
                                     resume=args.resume, keep=args.keep)
-            save_record(record, storage, study, REGISTRY[args.model].metric)
+            save_record(record, storage, study, model_spec(args.model).metric)
         records.append(record)
     print_tables(records)
 
@@ -140,14 +142,14 @@ def command_run(args) -> None:
 
     from bench.config import TASK_CORPORA, make_config
     from bench.harness import run_experiment, run_folder_name
-    from bench.models import REGISTRY
+    from bench.models.plugins import model_names, model_spec
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
     from bench.threads import use_threads
 
     if args.seeds < 1:
         raise BenchError(f"--seeds must be positive, got {args.seeds}")
-    models = args.models or [m for m in REGISTRY if args.corpus in TASK_CORPORA[REGISTRY[m].task]]
+    models = args.models or [m for m in model_names() if args.corpus in TASK_CORPORA[model_spec(m).task]]
     configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
                for model in models for seed in range(args.seeds)]
     use_threads()
@@ -157,7 +159,7 @@ def command_run(args) -> None:
         for number, config in enumerate(configs, 1):
             print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}"
                   + (f", seed {config['seed']}" if args.seeds > 1 else ""), flush=True)
-            spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
+            spec = model_spec(config["model"])  # one study per task: a study optimises one metric in one direction
             study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
             record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress,
                                     run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)

@@ -1,7 +1,8 @@
 """Run configurations: every hyper-parameter the suite knows, its type and range, and validation.
 
 A configuration is a flat dict: the model's registry defaults, overridden by the user's `--set key=value`
-(or a sweep's parameters), checked here before anything runs or is written.
+(or a sweep's parameters), checked here before anything runs or is written. A plugin model's own
+hyper-parameters (bench.models.plugins) are checked by the types of its constructor's parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import yaml
 
 from bench.data import CORPORA
 from bench.errors import BenchError
-from bench.models import REGISTRY
+from bench.models.plugins import model_spec
 from bench.schedules import SCHEDULES
 from bench.tagging import TAGGING_CORPORA
 
@@ -123,9 +124,10 @@ def parse_assignments(assignments: list[str]) -> dict:
 
 
 def allowed_keys(model: str) -> list[str]:
-    spec = REGISTRY[model]
+    spec = model_spec(model)
     optional = set(TRAINING_KEYS + LM_KEYS + NEURAL_LM_KEYS)
-    keys = set(HARNESS) - optional | set(spec.defaults)
+    # a built-in model takes the settings its registry entry sets; a plugin its constructor's parameters
+    keys = set(HARNESS) - optional | (set(spec.params) if spec.plugin else set(spec.defaults))
     keys |= set(TRAINING_KEYS) if spec.neural else set()
     keys |= set(LM_KEYS) if spec.task == "lm" else set()
     keys |= set(NEURAL_LM_KEYS) if spec.neural and spec.task == "lm" else set()
@@ -134,11 +136,15 @@ def allowed_keys(model: str) -> list[str]:
 
 def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
     """The validated configuration of one run of `model`."""
-    if model not in REGISTRY:
-        raise BenchError(f"unknown model {model!r}: choose one of {', '.join(REGISTRY)}")
-    spec = REGISTRY[model]
+    spec = model_spec(model)
     overrides = dict(overrides or {})
     keys = allowed_keys(model)
+    if spec.plugin:
+        for attribute, settings in (("DEFAULTS", spec.defaults), ("QUICK", spec.quick)):
+            unknown = [key for key in settings if key not in keys]
+            if unknown:
+                raise BenchError(f"model plugin {model!r}: {attribute} sets unknown hyper-parameter {unknown[0]!r}; "
+                                 f"known: {', '.join(keys)}")
     for key in overrides:
         if key in spec.fixed:
             raise BenchError(f"{key} is fixed for {model} (it is what makes it {model})")
@@ -149,8 +155,10 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     config = {key: value for key, value in config.items() if key in keys}
     if "schedule" in config:
         config = with_schedule_options(model, config, overrides)
+    params = {**MODEL, **{key: Param(kind, choices=choices) for key, (kind, choices) in spec.params.items()},
+              **HARNESS}
     for key, value in config.items():
-        config[key] = {**HARNESS, **MODEL}[key].check(key, value)
+        config[key] = params[key].check(key, value)
     if config["corpus"] not in TASK_CORPORA[spec.task]:
         raise BenchError(f"{model} needs a {'tagging' if spec.task == 'tagging' else 'language-model'} corpus: "
                          f"choose one of {', '.join(TASK_CORPORA[spec.task])}, got {config['corpus']!r}")
@@ -165,7 +173,7 @@ def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
     schedule = config["schedule"]
     if schedule not in SCHEDULE_OPTIONS:
         MODEL["schedule"].check("schedule", schedule)
-    if schedule == "rnnlm" and REGISTRY[model].task != "lm":
+    if schedule == "rnnlm" and model_spec(model).task != "lm":
         raise BenchError(f"schedule rnnlm watches validation perplexity: it is for language models, not {model}")
     for other, options in SCHEDULE_OPTIONS.items():
         for key in options:
@@ -178,5 +186,5 @@ def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
 
 def model_arguments(config: dict) -> dict:
     """The keyword arguments of the model's module: its settings and fixed settings, no harness keys."""
-    spec = REGISTRY[config["model"]]
-    return {**{k: v for k, v in config.items() if k in MODEL}, **spec.fixed}
+    spec = model_spec(config["model"])
+    return {**{k: v for k, v in config.items() if k in MODEL or k in spec.params}, **spec.fixed}
