@@ -12,11 +12,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from bench.data import CORPORA
+from bench.corpora import CORPORA, TAGGING_CORPORA
 from bench.errors import BenchError
 from bench.models.plugins import model_spec
-from bench.schedules import SCHEDULES
-from bench.tagging import TAGGING_CORPORA
 
 TASK_CORPORA = {"lm": CORPORA, "tagging": TAGGING_CORPORA}
 
@@ -71,9 +69,13 @@ HARNESS = {
     "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
     "limit_train_batches": Param(int, 0, 10**9, help="training batches per epoch (0: all)"),
 }
+# The options of each schedule, with their defaults; an option of another schedule than the run's is an error.
+SCHEDULE_OPTIONS = {"plateau": {"patience": 1}, "rnnlm": {"min_improvement": 1.003},
+                    "zaremba": {"decay": 0.5, "decay_after": 4}}
+SCHEDULES = tuple(SCHEDULE_OPTIONS)  # bench.schedules
 # Settings of the models; each model accepts those its registry entry sets, plus the shared ones.
 MODEL = {
-    "optimizer": Param(str, choices=("sgd", "adam")),
+    "optimizer": Param(str, choices=("sgd", "adam"), help="SGD (sparse embedding gradients) or Adam"),
     "lr": Param(float, 1e-8, 1e4, help="learning rate"),
     "l2": Param(float, 0.0, 1.0, help="L2 weight decay of the dense parameters (rnnlm's -beta)"),
     "schedule": Param(str, choices=SCHEDULES, help="learning-rate schedule (bench.schedules)"),
@@ -81,23 +83,21 @@ MODEL = {
     "decay_after": Param(int, 0, 10_000, help="schedule zaremba: epochs at the initial rate"),
     "output": Param(str, choices=("full", "class", "adaptive"), help="output layer"),
     "classes": Param(int, 1, 10_000_000, help="classes of the class-based output layer"),
-    "class_binning": Param(str, choices=("frequency", "sqrt")),
+    "class_binning": Param(str, choices=("frequency", "sqrt"), help="words to classes by unigram frequency or by "
+                                                                   "its square root (rnnlm's default)"),
     "cutoffs": Param("ints", help="adaptive softmax cluster boundaries (word ids)"),
-    "div_value": Param(float, 1.0, 1e3),
+    "div_value": Param(float, 1.0, 1e3, help="adaptive softmax: each cluster's projection this many times smaller"),
     "order": Param(int, 1, 9, help="n of the n-gram (Kneser-Ney) or of the feed-forward model's context"),
-    "embedding_size": Param(int, 1, 1_000_000),
-    "hidden_size": Param(int, 1, 1_000_000),
-    "layers": Param(int, 1, 64),
-    "dropout": Param(float, 0.0, 0.99),
+    "embedding_size": Param(int, 1, 1_000_000, help="size of the input word vectors"),
+    "hidden_size": Param(int, 1, 1_000_000, help="units per hidden layer"),
+    "layers": Param(int, 1, 64, help="stacked recurrent layers"),
+    "dropout": Param(float, 0.0, 0.99, help="dropout probability (non-recurrent connections)"),
     "bptt_context": Param(int, 0, 10_000, help="steps before each chunk the gradient flows through too (rnn-bptt)"),
-    "activation": Param(str, choices=("sigmoid", "tanh", "relu")),
-    "tie_weights": Param(bool),
+    "activation": Param(str, choices=("sigmoid", "tanh", "relu"), help="hidden units' non-linearity"),
+    "tie_weights": Param(bool, help="share the input embedding with the output layer (Press & Wolf 2017)"),
     "cell": Param(str, choices=("elman", "gru", "lstm"), help="recurrent cell of the tagger"),
     "bidirectional": Param(bool, help="tagger reads both directions (false: left to right only)"),
 }
-# The options of each schedule, with their defaults; an option of another schedule than the run's is an error.
-SCHEDULE_OPTIONS = {"plateau": {"patience": 1}, "rnnlm": {"min_improvement": 1.003},
-                    "zaremba": {"decay": 0.5, "decay_after": 4}}
 # Keys of every model trained by gradient; of language models only (token streams, output layers, NN+KN).
 TRAINING_KEYS = ("optimizer", "lr", "clip", "l2", "init_range", "schedule", *{k for o in SCHEDULE_OPTIONS.values()
                                                                               for k in o})
@@ -134,6 +134,43 @@ def allowed_keys(model: str) -> list[str]:
     return sorted(keys)
 
 
+def number(value: float) -> str:
+    """A bound as people write it: 1,000,000 and 0.25, not 1e+06."""
+    return f"{int(value):,}" if value == int(value) and abs(value) < 1e12 else f"{value:g}"
+
+
+def parameter_table(model: str) -> list[dict]:
+    """What `bench train MODEL --help` lists: every key `--set` accepts for `model`, as validation checks it
+    (type, range or choices) and with the default `bench train` uses; then the model's fixed settings."""
+    spec = model_spec(model)
+    defaults = {**HARNESS_DEFAULTS, **spec.defaults}
+    defaults |= SCHEDULE_OPTIONS.get(defaults.get("schedule"), {})
+    params = parameters(spec)
+    rows = []
+    for key in allowed_keys(model):
+        param = params[key]
+        kind = param.kind if isinstance(param.kind, str) else param.kind.__name__
+        choices = TASK_CORPORA[spec.task] if key == "corpus" else param.choices
+        if choices:
+            allowed = ", ".join(map(str, choices))
+        elif param.kind in (int, float, "floats"):
+            allowed = f"{number(param.low)} .. {number(param.high)}"
+        else:
+            allowed = ""
+        rows.append({"key": key, "type": kind, "allowed": allowed, "default": defaults.get(key, ""),
+                     "meaning": param.help})
+    return rows + [{"key": key, "type": "fixed", "allowed": "", "default": value, "meaning": f"what makes it {model}"}
+                   for key, value in spec.fixed.items()]
+
+
+def parameters(spec) -> dict[str, Param]:
+    """How each key is checked for a model: the suite's own keys, and a plugin's constructor parameters by
+    their types (a harness key keeps the suite's range even where a plugin takes it too)."""
+    own = {key: Param(kind, choices=choices, help="the plugin's own (its constructor's parameter)")
+           for key, (kind, choices) in spec.params.items()}
+    return {**MODEL, **own, **HARNESS}
+
+
 def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
     """The validated configuration of one run of `model`."""
     spec = model_spec(model)
@@ -155,8 +192,7 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     config = {key: value for key, value in config.items() if key in keys}
     if "schedule" in config:
         config = with_schedule_options(model, config, overrides)
-    params = {**MODEL, **{key: Param(kind, choices=choices) for key, (kind, choices) in spec.params.items()},
-              **HARNESS}
+    params = parameters(spec)
     for key, value in config.items():
         config[key] = params[key].check(key, value)
     if config["corpus"] not in TASK_CORPORA[spec.task]:

@@ -35,7 +35,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure draws with the Agg canvas: no GUI backend, no pyplot state
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from bench.errors import BenchError
 from bench.store import DEFAULT_STORAGE, open_storage, redact
@@ -395,6 +395,10 @@ def plot_wall_clock(best: pd.DataFrame, tables: dict[str, pd.DataFrame], path: P
             curve = run["record"]["curve"]
             ax.plot([p["wall_minutes"] for p in curve], [p["val_ppl"] for p in curve], marker=".", label=run_label(run))
         ax.set(xscale="log", yscale="log", xlabel="wall minutes", ylabel="validation perplexity", title=title)
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 200 and 300 on a log axis, not 2 x 10^2
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)  # perplexities span less than a decade: label the minor ticks
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     figure.savefig(path, dpi=110)
     return path

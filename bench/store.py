@@ -8,6 +8,7 @@ reports read it back. The default is a SQLite file in the working directory; any
 from __future__ import annotations
 
 import re
+import warnings
 
 import optuna
 
@@ -25,6 +26,14 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def requeue_stale_trials() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Optuna's callback that requeues a failed stale trial with its parameters. Experimental in Optuna's
+    terms (since 2.8, unchanged since); the warning saying so is not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback()
+
+
 def open_storage(url: str | None = None, heartbeat: bool = False):
     """An Optuna storage from a URL: RDB URLs as they are; `journal:PATH` for Optuna's journal file.
 
@@ -38,7 +47,7 @@ def open_storage(url: str | None = None, heartbeat: bool = False):
 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
         beats = dict(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
-                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+                     heartbeat_stale_trial_callback=requeue_stale_trials())
         # SQLite: concurrent workers wait for the write lock instead of failing after sqlite3's 5 s default
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, **(beats if heartbeat else {}))

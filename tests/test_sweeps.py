@@ -21,9 +21,9 @@ from bench.cli import main
 from bench.errors import BenchError
 from bench.models.plugins import model_spec
 from bench.reports import load_runs
-from bench.store import SUMMARY_KEYS, open_storage
+from bench.store import SUMMARY_KEYS, open_storage, save_record
 from bench.sweep_spec import load_spec
-from bench.sweeps import Objective, places_taken, run_sweep, wandb_mode
+from bench.sweeps import Objective, describe, places_taken, run_sweep, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -351,3 +351,26 @@ def test_threads_follow_omp_num_threads_else_the_idle_cores(monkeypatch):
     monkeypatch.setattr(threads, "idle_cores", lambda: 1.8)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     assert threads.compute_threads() == 2 and threads.compute_threads(workers=2) == 1
+
+
+def test_a_budget_whose_minutes_cut_its_epochs_is_reported_with_both_numbers(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/results.db"
+    earlier = {"model": "rnn-bptt", "corpus": "synthetic", "valid_ppl": 50.0, "minutes_per_epoch": 0.5}
+    for minutes in (0.4, 0.5, 0.9):  # stored runs of the model on the corpus, in another study: median 0.5
+        save_record({**earlier, "minutes_per_epoch": minutes}, open_storage(storage), "earlier")
+    spec = write_spec(tmp_path, TINY.replace("epochs: 1, minutes: 0.01", "epochs: 3, minutes: 0.01")
+                      + "search: {lr: [1.0]}\ntrials: 1\n")
+    assert main(["sweep", str(spec), "--storage", storage, "--no-wandb", "--no-progress",
+                 "--run-dir", str(tmp_path / "runs")]) == 0
+    assert (f"warning: {spec}: budget epochs 3 take about 1.5 minutes here (0.5 an epoch, the median of 3 stored "
+            "runs of rnn-bptt on synthetic), but minutes 0.01 stop each trial at about epoch 0.02"
+            in capsys.readouterr().out)
+
+
+def test_a_trial_cut_by_its_minutes_says_so():
+    cut = optuna.trial.create_trial(state=TrialState.COMPLETE, value=80.0,
+                                    user_attrs={"record": {"stopped_by": "max_minutes", "epochs": 0.27}})
+    finished = optuna.trial.create_trial(state=TrialState.COMPLETE, value=80.0,
+                                         user_attrs={"record": {"stopped_by": "schedule", "epochs": 2}})
+    assert describe(cut, "valid_ppl") == "valid_ppl 80.00, cut by the minutes budget at epoch 0.27"
+    assert describe(finished, "valid_ppl") == "valid_ppl 80.00"

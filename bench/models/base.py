@@ -37,6 +37,8 @@ Tagger.__init__(vocab_size, tags, **options) and forward(words (B, T), lengths (
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ from bench.models.output_layers import build_output_layer
 from bench.schedules import lr_scheduler
 
 STAGES = ("train", "val", "test")
+LOG_FLOAT_MAX = math.log(np.finfo(np.float64).max)
 STATE_TOLERANCE = 1e-5  # states this close (max abs difference) count as the same when joining streams
 
 
@@ -215,7 +218,8 @@ class LanguageModel(ScoredModel):
             self._sums[stage] = [float(nll[mask].double().sum()), int(mask.sum())]
         total, count = self._sums[stage]
         if count:
-            perplexity = float(np.exp(total / count))
+            # a diverged run's cross-entropy overflows exp: its perplexity is inf, without numpy's warning
+            perplexity = math.exp(total / count) if total / count < LOG_FLOAT_MAX else math.inf
             self.perplexities[stage].append(perplexity)
             self.log(f"{stage}_ppl", perplexity, prog_bar=stage != "test")
 

@@ -14,7 +14,8 @@ registry entry a built-in model has (bench.models.ModelSpec):
   the overrides of `bench run`'s quick suite;
 - `plugin`: its name, source (entry point or path), target, package and version, kept in every record.
 
-Anything wrong with a plugin is a BenchError: one line naming it and what is missing.
+Anything wrong with a plugin is a BenchError: one line naming it and what is missing. Listing the names
+imports nothing; a plugin's class (and torch) is imported when its name is looked up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import typing
 
 from bench.errors import BenchError
 from bench.models import REGISTRY, ModelSpec
-from bench.models.base import LanguageModel, Tagger
 
 ENTRY_POINT_GROUP = "bench.models"
 HYPER_PARAMETER_TYPES = (int, float, str, bool)
@@ -35,10 +35,11 @@ HYPER_PARAMETER_TYPES = (int, float, str, bool)
 # without tuning (plain SGD needs a rate per model); the streams and chunk length of the suite's RNNs.
 PLUGIN_DEFAULTS = {"lm": dict(optimizer="adam", lr=1e-3, batch_size=32, bptt=35),
                    "tagging": dict(optimizer="adam", lr=1e-3, batch_size=32)}
-# Per task: the base class, the methods a plugin must define itself, and its constructor's leading positional
-# parameters, which the suite fills (the vocabulary; the tagger's vocabulary size and tag names).
-INTERFACES = {"lm": (LanguageModel, ("__init__", "init_state", "forward"), 1),
-              "tagging": (Tagger, ("__init__", "forward"), 2)}
+# Per task: the base class in bench.models.base, the methods a plugin must define itself, and its
+# constructor's leading positional parameters, which the suite fills (the vocabulary; the tagger's vocabulary
+# size and tag names).
+INTERFACES = {"lm": ("LanguageModel", ("__init__", "init_state", "forward"), 1),
+              "tagging": ("Tagger", ("__init__", "forward"), 2)}
 
 
 def entry_points() -> dict[str, importlib.metadata.EntryPoint]:
@@ -111,20 +112,24 @@ def load_path(name: str):
 
 def spec_of(name: str, module, plugin: dict) -> ModelSpec:
     """The registry entry of plugin class `module`, checked against the interface of its task."""
+    from bench.models import base as interface
+
     where = f"model plugin {name!r} ({plugin['target']})"
     if not isinstance(module, type):
         raise BenchError(f"{where} is not a class but {type(module).__name__}")
-    task = next((task for task, (base, _, _) in INTERFACES.items() if issubclass(module, base)), None)
+    task = next((task for task, (base, _, _) in INTERFACES.items() if issubclass(module, getattr(interface, base))),
+                None)
     if task is None:
         raise BenchError(f"{where} is not a subclass of bench.models.base.LanguageModel or "
                          f"bench.models.base.Tagger")
-    base, methods, positional = INTERFACES[task]
+    base_name, methods, positional = INTERFACES[task]
+    base = getattr(interface, base_name)
     missing = [method for method in methods if getattr(module, method) is getattr(base, method)]
     if missing:
-        raise BenchError(f"{where} does not implement {', '.join(missing)} (see bench.models.base.{base.__name__})")
+        raise BenchError(f"{where} does not implement {', '.join(missing)} (see bench.models.base.{base_name})")
     parameters = list(signature(module, where).parameters.values())[1 + positional:]
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        raise BenchError(f"{where}: __init__ must take **options and pass them on to {base.__name__}.__init__")
+        raise BenchError(f"{where}: __init__ must take **options and pass them on to {base_name}.__init__")
     shared = set(inspect.signature(base.__init__).parameters)  # the base's own settings (optimizer, lr, ...)
     params, defaults = {}, {}
     for parameter in parameters:
@@ -140,8 +145,9 @@ def spec_of(name: str, module, plugin: dict) -> ModelSpec:
         own[attribute] = getattr(module, attribute, {})
         if not isinstance(own[attribute], dict):
             raise BenchError(f"{where}: {attribute} must be a dict of setting: value")
-    return ModelSpec(module, defaults={**PLUGIN_DEFAULTS[task], **defaults, **own["DEFAULTS"]}, quick=own["QUICK"],
-                     task=task, params=params, plugin=plugin)
+    return ModelSpec(f"{module.__module__}:{module.__qualname__}",
+                     defaults={**PLUGIN_DEFAULTS[task], **defaults, **own["DEFAULTS"]}, quick=own["QUICK"], task=task,
+                     params=params, plugin=plugin)
 
 
 def signature(module: type, where: str) -> inspect.Signature:
