@@ -37,10 +37,7 @@ class ModelHelp(argparse.Action):
 
 def print_parameters(model: str) -> None:
     from bench.config import parameter_table
-    from bench.models import REGISTRY
 
-    if model not in REGISTRY:
-        raise BenchError(f"unknown model {model!r}: choose one of {', '.join(REGISTRY)}")
     rows = [{**row, "default": "" if row["default"] == "" else str(row["default"])} for row in parameter_table(model)]
     columns = ("key", "type", "allowed", "default", "meaning")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}
@@ -67,7 +64,7 @@ def run_folder_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     from bench.corpora import CORPORA
-    from bench.models import REGISTRY
+    from bench.models.plugins import model_names
     from bench.regress import MIN_TIMED_SECONDS, QUALITY_BATCHES
 
     parser = Parser(prog="bench", description="Language-model benchmark suite (Mikolov et al. 2011 and beyond).")
@@ -76,7 +73,8 @@ def build_parser() -> Parser:
     train = commands.add_parser("train", help="train and evaluate one model, print and store its record",
                                 add_help=False)
     train.add_argument("-h", "--help", action=ModelHelp)
-    train.add_argument("model", help=f"one of: {', '.join(REGISTRY)}")
+    train.add_argument("model", help=f"one of: {', '.join(model_names())}; or a plugin class as "
+                                     "module.path:ClassName")
     train.add_argument("--corpus", default="synthetic", help=f"one of: {', '.join(CORPORA)} (default: synthetic)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a hyper-parameter (repeatable), e.g. --set hidden_size=200")
@@ -88,7 +86,8 @@ def build_parser() -> Parser:
 
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
-    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus)")
+    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus, "
+                                                 "installed plugins included)")
     run.add_argument("--seeds", type=int, default=1, help="runs of each model with seeds 0, 1, ... (default: 1)")
     common_options(run)
 
@@ -147,7 +146,7 @@ def command_train(args) -> None:
     require(config["corpus"], args.data_dir)
 
     from bench.harness import finished_record, run_experiment, run_folder_name
-    from bench.models import REGISTRY
+    from bench.models.plugins import model_spec
     from bench.store import open_storage, save_record
     from bench.tables import print_tables
     from bench.threads import use_threads
@@ -166,7 +165,7 @@ def command_train(args) -> None:
         else:
             record = run_experiment(seeded, data_dir=args.data_dir, progress=not args.no_progress, run_dir=run_dir,
                                     resume=args.resume, keep=args.keep)
-            save_record(record, storage, study, REGISTRY[args.model].metric)
+            save_record(record, storage, study, model_spec(args.model).metric)
         records.append(record)
     print_tables(records)
 
@@ -176,14 +175,14 @@ def command_run(args) -> None:
 
     from bench.config import TASK_CORPORA, make_config
     from bench.corpora import require
-    from bench.models import REGISTRY
+    from bench.models.plugins import model_names, model_spec
 
     if args.seeds < 1:
         raise BenchError(f"--seeds must be positive, got {args.seeds}")
-    models = args.models or [m for m in REGISTRY if args.corpus in TASK_CORPORA[REGISTRY[m].task]]
+    require(args.corpus, args.data_dir)  # first: finding a plugin's task imports it, and torch with it
+    models = args.models or [m for m in model_names() if args.corpus in TASK_CORPORA[model_spec(m).task]]
     configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
                for model in models for seed in range(args.seeds)]
-    require(args.corpus, args.data_dir)
 
     from bench.harness import run_experiment, run_folder_name
     from bench.store import open_storage, save_record
@@ -198,7 +197,7 @@ def command_run(args) -> None:
         for number, config in enumerate(configs, 1):
             print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}"
                   + (f", seed {config['seed']}" if args.seeds > 1 else ""), flush=True)
-            spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
+            spec = model_spec(config["model"])  # one study per task: a study optimises one metric in one direction
             study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
             record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress,
                                     run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)

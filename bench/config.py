@@ -1,7 +1,8 @@
 """Run configurations: every hyper-parameter the suite knows, its type and range, and validation.
 
 A configuration is a flat dict: the model's registry defaults, overridden by the user's `--set key=value`
-(or a sweep's parameters), checked here before anything runs or is written.
+(or a sweep's parameters), checked here before anything runs or is written. A plugin model's own
+hyper-parameters (bench.models.plugins) are checked by the types of its constructor's parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import yaml
 
 from bench.corpora import CORPORA, TAGGING_CORPORA
 from bench.errors import BenchError
-from bench.models import REGISTRY
+from bench.models.plugins import model_spec
 
 TASK_CORPORA = {"lm": CORPORA, "tagging": TAGGING_CORPORA}
 
@@ -123,9 +124,10 @@ def parse_assignments(assignments: list[str]) -> dict:
 
 
 def allowed_keys(model: str) -> list[str]:
-    spec = REGISTRY[model]
+    spec = model_spec(model)
     optional = set(TRAINING_KEYS + LM_KEYS + NEURAL_LM_KEYS)
-    keys = set(HARNESS) - optional | set(spec.defaults)
+    # a built-in model takes the settings its registry entry sets; a plugin its constructor's parameters
+    keys = set(HARNESS) - optional | (set(spec.params) if spec.plugin else set(spec.defaults))
     keys |= set(TRAINING_KEYS) if spec.neural else set()
     keys |= set(LM_KEYS) if spec.task == "lm" else set()
     keys |= set(NEURAL_LM_KEYS) if spec.neural and spec.task == "lm" else set()
@@ -140,12 +142,13 @@ def number(value: float) -> str:
 def parameter_table(model: str) -> list[dict]:
     """What `bench train MODEL --help` lists: every key `--set` accepts for `model`, as validation checks it
     (type, range or choices) and with the default `bench train` uses; then the model's fixed settings."""
-    spec = REGISTRY[model]
+    spec = model_spec(model)
     defaults = {**HARNESS_DEFAULTS, **spec.defaults}
     defaults |= SCHEDULE_OPTIONS.get(defaults.get("schedule"), {})
+    params = parameters(spec)
     rows = []
     for key in allowed_keys(model):
-        param = {**HARNESS, **MODEL}[key]
+        param = params[key]
         kind = param.kind if isinstance(param.kind, str) else param.kind.__name__
         choices = TASK_CORPORA[spec.task] if key == "corpus" else param.choices
         if choices:
@@ -160,13 +163,25 @@ def parameter_table(model: str) -> list[dict]:
                    for key, value in spec.fixed.items()]
 
 
+def parameters(spec) -> dict[str, Param]:
+    """How each key is checked for a model: the suite's own keys, and a plugin's constructor parameters by
+    their types (a harness key keeps the suite's range even where a plugin takes it too)."""
+    own = {key: Param(kind, choices=choices, help="the plugin's own (its constructor's parameter)")
+           for key, (kind, choices) in spec.params.items()}
+    return {**MODEL, **own, **HARNESS}
+
+
 def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
     """The validated configuration of one run of `model`."""
-    if model not in REGISTRY:
-        raise BenchError(f"unknown model {model!r}: choose one of {', '.join(REGISTRY)}")
-    spec = REGISTRY[model]
+    spec = model_spec(model)
     overrides = dict(overrides or {})
     keys = allowed_keys(model)
+    if spec.plugin:
+        for attribute, settings in (("DEFAULTS", spec.defaults), ("QUICK", spec.quick)):
+            unknown = [key for key in settings if key not in keys]
+            if unknown:
+                raise BenchError(f"model plugin {model!r}: {attribute} sets unknown hyper-parameter {unknown[0]!r}; "
+                                 f"known: {', '.join(keys)}")
     for key in overrides:
         if key in spec.fixed:
             raise BenchError(f"{key} is fixed for {model} (it is what makes it {model})")
@@ -177,8 +192,9 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     config = {key: value for key, value in config.items() if key in keys}
     if "schedule" in config:
         config = with_schedule_options(model, config, overrides)
+    params = parameters(spec)
     for key, value in config.items():
-        config[key] = {**HARNESS, **MODEL}[key].check(key, value)
+        config[key] = params[key].check(key, value)
     if config["corpus"] not in TASK_CORPORA[spec.task]:
         raise BenchError(f"{model} needs a {'tagging' if spec.task == 'tagging' else 'language-model'} corpus: "
                          f"choose one of {', '.join(TASK_CORPORA[spec.task])}, got {config['corpus']!r}")
@@ -193,7 +209,7 @@ def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
     schedule = config["schedule"]
     if schedule not in SCHEDULE_OPTIONS:
         MODEL["schedule"].check("schedule", schedule)
-    if schedule == "rnnlm" and REGISTRY[model].task != "lm":
+    if schedule == "rnnlm" and model_spec(model).task != "lm":
         raise BenchError(f"schedule rnnlm watches validation perplexity: it is for language models, not {model}")
     for other, options in SCHEDULE_OPTIONS.items():
         for key in options:
@@ -206,5 +222,5 @@ def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
 
 def model_arguments(config: dict) -> dict:
     """The keyword arguments of the model's module: its settings and fixed settings, no harness keys."""
-    spec = REGISTRY[config["model"]]
-    return {**{k: v for k, v in config.items() if k in MODEL}, **spec.fixed}
+    spec = model_spec(config["model"])
+    return {**{k: v for k, v in config.items() if k in MODEL or k in spec.params}, **spec.fixed}

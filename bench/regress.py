@@ -1,7 +1,7 @@
 """`bench regress`: re-run a fixed, seeded set of runs and compare every figure with a committed baseline.
 
-The set: every model of the registry on `synthetic` (and, when the data directory has PTB, a short PTB
-slice for a few models), with fixed small budgets. Two kinds of figure:
+The set: every model (built-in, and the installed plugins) on `synthetic` (and, when the data directory has
+PTB, a short PTB slice for a few models), with fixed small budgets. Two kinds of figure:
 
 - quality (perplexity; F1 for taggers, ModelSpec.task == "tagging"): deterministic on CPU for a seed, so the
   tolerance is tight -- relative TIGHT when the torch version and the CPU's instruction set (torch's
@@ -70,25 +70,21 @@ def plan(models: list[str] | None = None, batches: int = QUALITY_BATCHES, data_d
     """The runs of the set (validated configurations): per run its quality config and, on synthetic, its
     speed config."""
     from bench.config import allowed_keys, make_config
-    from bench.models import REGISTRY
-
-    unknown = [model for model in models or [] if model not in REGISTRY]
-    if unknown:
-        raise BenchError(f"unknown model {unknown[0]!r}: choose from {', '.join(REGISTRY)}")
+    from bench.models.plugins import model_names, model_spec
 
     def config(model: str, overrides: dict) -> dict:
-        budget = {"limit_train_batches": batches, **overrides} if REGISTRY[model].neural else {}
+        budget = {"limit_train_batches": batches, **overrides} if model_spec(model).neural else {}
         return make_config(model, {k: v for k, v in budget.items() if k in allowed_keys(model)}, quick=True)
 
     runs = []
-    for model in models or list(REGISTRY):
+    for model in models or model_names():
         runs.append({"name": f"{model}/synthetic", "model": model, "corpus": "synthetic",
-                     "task": REGISTRY[model].task, "quality": config(model, QUALITY), "speed": config(model, SPEED)})
+                     "task": model_spec(model).task, "quality": config(model, QUALITY), "speed": config(model, SPEED)})
     if ptb_available(data_dir):
         for model in [m for m in PTB if m in (models or PTB)]:
             overrides = {"corpus": "ptb", **PTB_BUDGET, **PTB[model]}
-            quality = make_config(model, overrides if REGISTRY[model].neural else {"corpus": "ptb"}, quick=True)
-            runs.append({"name": f"{model}/ptb", "model": model, "corpus": "ptb", "task": REGISTRY[model].task,
+            quality = make_config(model, overrides if model_spec(model).neural else {"corpus": "ptb"}, quick=True)
+            runs.append({"name": f"{model}/ptb", "model": model, "corpus": "ptb", "task": model_spec(model).task,
                          "quality": quality, "speed": None})
     return runs
 

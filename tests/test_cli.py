@@ -10,7 +10,7 @@ from bench.config import allowed_keys, make_config
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "transformer"], "unknown model 'transformer'"),
+    (["train", "transfomer"], "unknown model 'transfomer'"),
     (["train", "lstm", "--corpus", "ptbx"], "corpus must be one of"),
     (["train", "lstm", "--set", "hiden_size=3"], "unknown hyper-parameter 'hiden_size' for lstm"),
     (["train", "lstm", "--set", "dropout=1.5"], "dropout must be between 0 and 0.99, got 1.5"),

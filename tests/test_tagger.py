@@ -8,7 +8,8 @@ from bench.cli import main
 from bench.config import make_config
 from bench.corpora import resolve_data_dir
 from bench.harness import run_experiment
-from bench.models.birnn import BiRNNTagger, span_scores
+from bench.models.base import span_scores
+from bench.models.birnn import BiRNNTagger
 from bench.synthetic import SyntheticLanguage
 from bench.tagging import load_tagged_corpus, noun_phrase_tags, pad_batch
 

@@ -2,7 +2,9 @@
 
 `defaults` are what `bench train` uses (the paper's settings where there is one); `quick` overrides them
 for `bench run`'s few-minute comparison on `synthetic`. `fixed` settings define the model and cannot be
-changed with --set (rnn-bp and rnn-bptt are one network trained two ways).
+changed with --set (rnn-bp and rnn-bptt are one network trained two ways). Models from outside the suite
+(entry points of group `bench.models`, or `module.path:ClassName`) get the same entry from
+bench.models.plugins, which also answers for the built-in ones: model_spec(name), model_names().
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class ModelSpec:
     fixed: dict = field(default_factory=dict)
     task: str = "lm"  # "lm": scored by perplexity; "tagging": by F1
     neural: bool = True  # trained by gradient, with an optimizer (and, language models, an output layer)
+    # A plugin's own hyper-parameters, name -> (type, allowed values or ()), from its constructor's signature
+    params: dict = field(default_factory=dict)
+    plugin: dict | None = None  # a plugin's name, source, target, package and version, for the record
 
     @property
     def module(self) -> type:
