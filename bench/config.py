@@ -136,7 +136,7 @@ def allowed_keys(model: str) -> list[str]:
 
 def number(value: float) -> str:
     """A bound as people write it: 1,000,000 and 0.25, not 1e+06."""
-    return f"{int(value):,}" if value == int(value) and abs(value) < 1e12 else f"{value:g}"
+    return f"{int(value):,}" if math.isfinite(value) and value == int(value) and abs(value) < 1e12 else f"{value:g}"
 
 
 def parameter_table(model: str) -> list[dict]:
@@ -153,7 +153,7 @@ def parameter_table(model: str) -> list[dict]:
         choices = TASK_CORPORA[spec.task] if key == "corpus" else param.choices
         if choices:
             allowed = ", ".join(map(str, choices))
-        elif param.kind in (int, float, "floats"):
+        elif param.kind in (int, float, "floats") and (math.isfinite(param.low) or math.isfinite(param.high)):
             allowed = f"{number(param.low)} .. {number(param.high)}"
         else:
             allowed = ""

@@ -98,6 +98,15 @@ def test_help_imports_no_heavy_library(argv):
     assert done.returncode == 0, done.stderr
 
 
+def test_plugin_help_lists_its_unbounded_parameters_without_a_range(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "transformer", "--help"])
+    assert done.value.code == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.split("hyper-parameters of")[1]
+            .splitlines()[2:] if line.strip()}
+    assert rows["heads"][1:3] == ["int", "4"] and rows["lr"][2:5] == ["1e-08", "..", "10,000"]
+
+
 def test_model_help_lists_each_hyper_parameter_with_its_type_range_and_default(capsys):
     with pytest.raises(SystemExit) as done:
         main(["train", "rnn-bptt", "--help"])
