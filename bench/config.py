@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import yaml
-
 from bench.data import CORPORA
 from bench.errors import BenchError
+from bench.inputs import load_yaml
 from bench.models import REGISTRY
 from bench.schedules import SCHEDULES
 from bench.tagging import TAGGING_CORPORA
@@ -115,10 +114,7 @@ def parse_assignments(assignments: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise BenchError(f"--set {item!r}: expected key=value")
-        try:
-            overrides[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise BenchError(f"--set {item!r}: cannot read the value") from None
+        overrides[key.strip()] = load_yaml(text, f"--set {item!r}")
     return overrides
 
 

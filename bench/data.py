@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bench.errors import BenchError
+from bench.inputs import check_text_file
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -129,11 +130,11 @@ def encode(tokens: list[str], vocab: Vocabulary, where: str) -> np.ndarray:
 def _read_local(paths: dict[str, Path]) -> dict[str, list[str]]:
     from datasets import load_dataset
 
-    for split, path in paths.items():
+    for path in paths.values():
         if not path.is_file() or not os.access(path, os.R_OK):
             raise FileNotFoundError(path)
-        if path.stat().st_size == 0:
-            raise BenchError(f"{path}: the {split} file is empty")
+    for split, path in paths.items():
+        check_text_file(path, split)
     dataset = load_dataset("text", data_files={s: str(p) for s, p in paths.items()})
     return {split: dataset[split]["text"] for split in paths}
 
@@ -150,14 +151,17 @@ def _read_file_corpus(name: str, root: Path) -> dict[str, list[str]]:
     paths = {split: root / rel for split, rel in spec.files.items()}
     try:
         return _read_local(paths)
-    except FileNotFoundError:
-        pass
+    except FileNotFoundError as missing:
+        absent = missing.args[0]
     try:
         return _read_hub(spec)
     except Exception:  # any Hub failure (no network, no such dataset) ends in the same user message
         expected = ", ".join(spec.files.values())
+        found = [str(path) for path in paths.values() if path.is_file()]
         raise BenchError(
-            f"corpus {name!r} not found: put {expected} under {root} (--data-dir or $BENCH_DATA_DIR); "
+            f"corpus {name!r} not found: "
+            + (f"{absent} is missing or unreadable (found {', '.join(found)}); " if found else "")
+            + f"put {expected} under {root} (--data-dir or $BENCH_DATA_DIR); "
             f"the Hugging Face Hub ({spec.hub_name}) could not be reached either"
         ) from None
 

@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
 from bench.errors import BenchError
+from bench.inputs import check_text_file
 
 PAD, UNK = "<pad>", "<unk>"
 SPLITS = ("train", "valid", "test")
@@ -82,16 +83,17 @@ def _read_conll2000(root: Path) -> dict[str, list[Sentence]]:
 
     paths = {split: root / "conll2000" / f"{split}.txt" for split in ("train", "test")}
     if all(path.is_file() for path in paths.values()):
-        for path in paths.values():
-            if path.stat().st_size == 0:
-                raise BenchError(f"{path}: the file is empty")
+        for split, path in paths.items():
+            check_text_file(path, split)
         dataset = load_dataset("text", data_files={s: str(p) for s, p in paths.items()})
         sentences = {split: parse_conll(dataset[split]["text"], str(path)) for split, path in paths.items()}
     else:
         try:
             sentences = _read_conll2000_hub()
         except Exception:  # any Hub failure (no network, no such dataset) ends in the same user message
-            raise BenchError(f"corpus 'conll2000' not found: put conll2000/train.txt and conll2000/test.txt under "
+            missing = [str(path) for path in paths.values() if not path.is_file()]
+            raise BenchError(f"corpus 'conll2000' not found: {' and '.join(missing)} missing; put "
+                             f"conll2000/train.txt and conll2000/test.txt under "
                              f"{root} (--data-dir or $BENCH_DATA_DIR); the Hugging Face Hub ({HUB_NAME}) could not "
                              f"be reached either") from None
     train = sentences["train"]
