@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+import traceback
 import warnings
 
-from bench.errors import BenchError
+from bench.errors import BenchError, Interrupted, RunFailed, one_line
+from bench.redact import redact
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,6 +72,8 @@ def build_parser() -> Parser:
     from bench.regress import MIN_TIMED_SECONDS, QUALITY_BATCHES
 
     parser = Parser(prog="bench", description="Language-model benchmark suite (Mikolov et al. 2011 and beyond).")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also given after "
+                                                             "the command)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train and evaluate one model, print and store its record",
@@ -134,7 +140,27 @@ def build_parser() -> Parser:
     return parser
 
 
-def command_train(args) -> None:
+def run_and_store(config: dict, storage, study: str, **options) -> dict:
+    """run_experiment, its record stored in `study`; a run that raises or diverges is stored as a failed trial
+    with its reason and raises RunFailed. A user error (BenchError) stores nothing."""
+    from bench.harness import run_experiment
+    from bench.models.plugins import model_spec
+    from bench.store import save_failure, save_record
+
+    metric = model_spec(config["model"]).metric
+    try:
+        record = run_experiment(config, **options)
+    except (BenchError, RunFailed):
+        raise
+    except Exception as error:
+        save_failure(storage, study, metric, one_line(error), {"config": config})
+        raise RunFailed(f"{config['model']} on {config['corpus']} failed: {redact(one_line(error))}; stored as "
+                        f"a failed trial of study {study}") from error
+    save_record(record, storage, study, metric)
+    return record
+
+
+def command_train(args) -> int:
     from pathlib import Path
 
     from bench.config import make_config, parse_assignments
@@ -145,9 +171,8 @@ def command_train(args) -> None:
         raise BenchError(f"--seeds must be positive, got {args.seeds}")
     require(config["corpus"], args.data_dir)
 
-    from bench.harness import finished_record, run_experiment, run_folder_name
-    from bench.models.plugins import model_spec
-    from bench.store import open_storage, save_record
+    from bench.harness import finished_record, run_folder_name
+    from bench.store import open_storage
     from bench.tables import print_tables
     from bench.threads import use_threads
 
@@ -155,7 +180,7 @@ def command_train(args) -> None:
     use_threads()
     storage = open_storage(args.storage)
     study = f"train-{args.model}-{args.corpus}"
-    records = []
+    records, failures = [], []
     for seed in range(config["seed"], config["seed"] + args.seeds):
         seeded = {**config, "seed": seed}
         run_dir = Path(args.run_dir) / study / run_folder_name(seeded)
@@ -163,14 +188,20 @@ def command_train(args) -> None:
         if record is not None:
             print(f"seed {seed}: finished earlier in {run_dir}; not run again", flush=True)
         else:
-            record = run_experiment(seeded, data_dir=args.data_dir, progress=not args.no_progress, run_dir=run_dir,
-                                    resume=args.resume, keep=args.keep)
-            save_record(record, storage, study, model_spec(args.model).metric)
+            try:
+                record = run_and_store(seeded, storage, study, data_dir=args.data_dir, progress=not args.no_progress,
+                                       run_dir=run_dir, resume=args.resume, keep=args.keep)
+            except RunFailed as failure:  # the other seeds still run
+                print(f"bench: {failure}", file=sys.stderr, flush=True)
+                failures.append(failure)
+                continue
         records.append(record)
-    print_tables(records)
+    if records:
+        print_tables(records)
+    return 1 if failures else 0
 
 
-def command_run(args) -> None:
+def command_run(args) -> int:
     from pathlib import Path
 
     from bench.config import TASK_CORPORA, make_config
@@ -184,31 +215,37 @@ def command_run(args) -> None:
     configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
                for model in models for seed in range(args.seeds)]
 
-    from bench.harness import run_experiment, run_folder_name
-    from bench.store import open_storage, save_record
+    from bench.harness import run_folder_name
+    from bench.store import open_storage
     from bench.tables import print_tables
     from bench.threads import use_threads
 
     quiet_libraries()
     use_threads()
     storage = open_storage(args.storage)
-    records, finished = [], False
+    records, failures, finished = [], [], False
     try:
         for number, config in enumerate(configs, 1):
             print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}"
                   + (f", seed {config['seed']}" if args.seeds > 1 else ""), flush=True)
             spec = model_spec(config["model"])  # one study per task: a study optimises one metric in one direction
             study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
-            record = run_experiment(config, data_dir=args.data_dir, progress=not args.no_progress,
-                                    run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)
-            save_record(record, storage, study, spec.metric)
+            try:
+                record = run_and_store(config, storage, study, data_dir=args.data_dir, progress=not args.no_progress,
+                                       run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)
+            except RunFailed as failure:
+                print(f"bench: {failure}", file=sys.stderr, flush=True)
+                failures.append(failure)
+                continue
             records.append(record)
             print_tables([record])  # each row as its model finishes
         finished = True
     finally:  # the whole table at the end, and of the runs that finished when something stopped the rest
         if records:
-            print(f"\n{'All' if finished else f'Stopped after {len(records)} of {len(configs)}'} runs:")
+            done = "All" if len(records) == len(configs) else f"{len(records)} of {len(configs)}"
+            print(f"\n{done if finished else f'Stopped after {len(records)} of {len(configs)}'} runs:")
             print_tables(records)
+    return 1 if failures else 0
 
 
 def command_report(args) -> None:
@@ -262,19 +299,55 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def raise_interrupted(signal_number: int, frame) -> None:
+    """SIGINT and SIGTERM: stop whatever runs with Interrupted (a sweep requeues its trial on the way out).
+    Further signals are ignored while the command cleans up."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signal_number)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; the exit code: 0 done, 1 a run failed (or a bug), 2 a user error, 130/143 SIGINT/SIGTERM.
+    Every ending but 0 is one line on stderr; --debug adds the traceback."""
     from bench.threads import quiet_waits
 
     quiet_waits()  # before anything imports torch
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # anywhere on the line, not only before the command
+    argv = [*(["--debug"] if debug else []), *(a for a in argv if a != "--debug")]
+    # Libraries record the process's command line (W&B stores it in every run file): no password in it.
+    sys.argv = [redact(a) for a in sys.argv]
+    handling_signals = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    if handling_signals:
+        for number in STOP_SIGNALS:
+            signal.signal(number, raise_interrupted)
     try:
         args = build_parser().parse_args(argv)
-        code = COMMANDS[args.command](args) or 0
+        return COMMANDS[args.command](args) or 0
     except BenchError as error:
-        print(f"bench: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+        return fail(error, debug, 2, f"bench: error: {error}")
+    except (Interrupted, KeyboardInterrupt) as stop:
+        number = getattr(stop, "signal_number", signal.SIGINT)
+        return fail(stop, debug, 128 + number, "bench: interrupted")
+    except RunFailed as error:
+        return fail(error, debug, 1, f"bench: {error}")
+    except Exception as error:  # a bug: still one line, the traceback under --debug
+        return fail(error, debug, 1, f"bench: failed: {one_line(error)} (bench --debug ... shows where)")
+    finally:
+        if handling_signals:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def fail(error: BaseException, debug: bool, code: int, line: str) -> int:
+    if debug:
+        traceback.print_exception(error)
+    print(redact(line), file=sys.stderr, flush=True)
     return code
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import yaml
-
 from bench.corpora import CORPORA, TAGGING_CORPORA
 from bench.errors import BenchError
+from bench.inputs import load_yaml
 from bench.models.plugins import model_spec
 
 TASK_CORPORA = {"lm": CORPORA, "tagging": TAGGING_CORPORA}
@@ -116,10 +115,7 @@ def parse_assignments(assignments: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise BenchError(f"--set {item!r}: expected key=value")
-        try:
-            overrides[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise BenchError(f"--set {item!r}: cannot read the value") from None
+        overrides[key.strip()] = load_yaml(text, f"--set {item!r}")
     return overrides
 
 

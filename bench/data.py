@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bench.corpora import CORPORA, FILE_CORPORA, SPLITS, FileCorpus, locate
 from bench.errors import BenchError
+from bench.inputs import check_text_file
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -101,8 +102,7 @@ def _read_local(paths: dict[str, Path]) -> dict[str, list[str]]:
     for split, path in paths.items():
         if not os.access(path, os.R_OK):
             raise BenchError(f"{path}: the {split} file cannot be read")
-        if path.stat().st_size == 0:
-            raise BenchError(f"{path}: the {split} file is empty")
+        check_text_file(path, split)
     dataset = load_dataset("text", data_files={s: str(p) for s, p in paths.items()})
     return {split: dataset[split]["text"] for split in paths}
 

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from bench.errors import BenchError
+
 
 def plain(value):
     """The record as JSON-safe values: NaN/inf become None, numpy scalars Python numbers."""
@@ -24,3 +26,13 @@ def write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     temporary.replace(path)
+
+
+def check_writable(folder: Path) -> None:
+    """A user error before any work when `folder` cannot be made or written (creating it is harmless)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BenchError(f"cannot write into {folder}: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BenchError(f"cannot write into {folder}: permission denied")

@@ -35,6 +35,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.models import TASK_METRICS
+from bench.records import check_writable, write_atomically
 
 TIGHT, LOOSE = 1e-4, 1e-2  # relative quality tolerance: same torch and cpu capability / otherwise
 SPEED_THRESHOLD = 0.15  # relative drop of the speed ratio that counts as a regression on the baseline's CPU model
@@ -117,6 +118,8 @@ def load_baseline(path: Path) -> dict:
         baseline = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BenchError(f"{path}: not JSON ({error}); {hint}") from None
+    except RecursionError:
+        raise BenchError(f"{path}: not a regression baseline (nested too deeply to read); {hint}") from None
     problem = baseline_problem(baseline)
     if problem:
         raise BenchError(f"{path}: not a regression baseline ({problem}); {hint}")
@@ -264,7 +267,15 @@ def regress(baseline_path: Path, out: Path, update: bool = False, models: list[s
         raise BenchError(f"--batches and --repeats must be at least 1 and --speed-seconds above 0, got {batches}, "
                          f"{repeats} and {min_seconds}")
     baseline = {} if update else load_baseline(baseline_path)
+    check_writable(out)
+    if update:
+        check_writable(baseline_path.parent)
     runs = plan(models, batches, data_dir)
+    shared = {run["name"] for run in runs} & set(baseline.get("runs", {}))
+    if not update and not shared:
+        raise BenchError(f"{baseline_path} shares no run with this set (baseline: {', '.join(baseline['runs'])}; "
+                         f"this set: {', '.join(run['name'] for run in runs)}): nothing to compare; choose "
+                         "--models of the baseline, or record this set with --update")
     current = run_set(runs, repeats, min_seconds, data_dir)
     rows = compare(baseline, current)
     slower = set(rows["run"][(rows["figure"] == SPEED_FIGURE) & (rows["verdict"] == "REGRESSION")])
@@ -280,15 +291,13 @@ def regress(baseline_path: Path, out: Path, update: bool = False, models: list[s
         rows = compare(baseline, current)
     summary = render(rows, baseline, current, baseline_path, update)
     failed = rows[rows["verdict"].isin(FAILING)]
-    out.mkdir(parents=True, exist_ok=True)
     result = {"verdict": "updated" if update else "fail" if len(failed) else "pass", "baseline": str(baseline_path),
               "regressions": [f"{r.run} {r.figure}" for r in failed.itertuples(index=False)],
               "rows": json.loads(rows.to_json(orient="records")), "current": current}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    (out / "summary.md").write_text(summary)
+    write_atomically(out / "result.json", json.dumps(result, indent=1))
+    write_atomically(out / "summary.md", summary)
     if update:
-        baseline_path.parent.mkdir(parents=True, exist_ok=True)
-        baseline_path.write_text(json.dumps(current, indent=1) + "\n")
+        write_atomically(baseline_path, json.dumps(current, indent=1) + "\n")
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as step_summary:
             step_summary.write(summary)

@@ -38,8 +38,11 @@ from matplotlib.figure import Figure  # a bare Figure draws with the Agg canvas:
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from bench.errors import BenchError
-from bench.store import DEFAULT_STORAGE, open_storage, redact
+from bench.records import check_writable
+from bench.redact import redact
+from bench.store import DEFAULT_STORAGE, open_storage
 from bench.tables import leaderboard, tagger_table
+from bench.tracking import wandb_mode, wandb_settings
 
 TAGGER_ARCHITECTURE = ("cell", "layers", "bidirectional")
 CONFIGURATION = ["task", "model", "corpus", "output", "classes", *TAGGER_ARCHITECTURE]
@@ -70,20 +73,11 @@ OUTPUTS = ("leaderboard.csv", "taggers.csv", "table2.csv", "table3.csv", "speed.
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _check_exists(url: str) -> None:
-    """A report never creates a database: a missing SQLite or journal file is a user error."""
-    for prefix in ("sqlite:///", "journal:"):
-        path = url.removeprefix(prefix)
-        if url.startswith(prefix) and path != ":memory:" and not Path(path).is_file():
-            raise BenchError(f"no results database at {path}: run `bench run` or `bench train` first")
-
-
 def load_runs(storage_url: str | None = None, studies: list[str] | None = None) -> pd.DataFrame:
     """One row per COMPLETE trial of `studies` (default: all): the record's figures, its configuration
     (CONFIGURATION columns), study, trial number, completion time, and the record itself (column "record")."""
     url = storage_url or DEFAULT_STORAGE
-    _check_exists(url)
-    storage = open_storage(url)
+    storage = open_storage(url, create=False)
     known = optuna.get_all_study_names(storage)
     missing = [name for name in studies or [] if name not in known]
     if missing or not known:
@@ -537,19 +531,6 @@ def write_report(best: pd.DataFrame, out: Path) -> tuple[dict[str, pd.DataFrame]
 # --------------------------------------------------------------------------------------------------- W&B
 
 
-def wandb_mode() -> str:
-    """$WANDB_MODE when set; else "online" when an API key is configured, "offline" otherwise."""
-    import wandb
-
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    try:
-        wandb.Api(timeout=10)  # raises without an API key; bounded by the timeout when a server is slow
-        return "online"
-    except Exception:
-        return "offline"
-
-
 def _wandb_table(table: pd.DataFrame):
     import wandb
 
@@ -580,7 +561,7 @@ def log_to_wandb(tables: dict[str, pd.DataFrame], figures: dict[str, Path], stud
     mode = wandb_mode()
     if mode == "disabled":
         return
-    settings = wandb.Settings(silent=True, init_timeout=60)  # never wait on an unreachable server for long
+    settings = wandb_settings()
     try:
         run = wandb.init(project=project, job_type="report", mode=mode, settings=settings,
                          config={"studies": studies})
@@ -615,8 +596,12 @@ def log_to_wandb(tables: dict[str, pd.DataFrame], figures: dict[str, Path], stud
 def make_report(storage_url: str | None, studies: list[str] | None, out: Path, project: str | None = None,
                 use_wandb: bool = True) -> dict[str, pd.DataFrame]:
     """`bench report`: read the studies, keep the best run per configuration, write `out`, log to W&B."""
+    check_writable(out)
     best = best_per_configuration(load_runs(storage_url, studies))
-    tables, figures = write_report(best, out)
+    try:
+        tables, figures = write_report(best, out)
+    except OSError as error:  # the disk filled, or the folder was taken away meanwhile
+        raise BenchError(f"cannot write the report into {out}: {error.strerror or error}") from None
     print(f"report of {len(best)} configurations written to {out}: "
           f"{', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
     if use_wandb:

@@ -16,8 +16,10 @@ start_mark) and the key.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from bench.config import make_config
 from bench.errors import BenchError
+from bench.inputs import compose, construct, read_utf8
 from bench.models import TASK_METRICS
+from bench.models.output_layers import check_fits_vocabulary
 from bench.models.plugins import model_names, model_spec
 
 SPEC_KEYS = {
@@ -57,6 +61,8 @@ BUDGET = {"epochs": "max_epochs", "minutes": "max_minutes"}
 # Per task: the record figures a sweep may optimise (validation only: test figures are never chosen on),
 # with their direction, and the metric logged every epoch that the pruner watches.
 METRICS = {"lm": {"valid_ppl": "minimize", "nn_kn_valid_ppl": "minimize"}, "tagging": {"valid_f1": "maximize"}}
+STUDY_NAME_LENGTH = 512  # Optuna's studies.study_name column (String(512)); PostgreSQL refuses a longer one
+OPTION_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # a sampler's or pruner's options
 CONFIGURATION = "configuration"  # the grid parameter of a union-of-products grid
 OWN_KEYS = {"corpus": "corpus", "max_epochs": "budget.epochs", "max_minutes": "budget.minutes"}
 
@@ -177,23 +183,16 @@ class Source:
 def parse_yaml(path: Path) -> tuple[object, Source]:
     if not path.is_file():
         raise BenchError(f"no sweep spec at {path}")
-    loader = yaml.SafeLoader(path.read_text())
-    try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        line = f", line {mark.line + 1}" if mark else ""
-        raise BenchError(f"{path}{line}: not valid YAML: {getattr(error, 'problem', None) or error}") from None
-    finally:
-        loader.dispose()
+    root = compose(read_utf8(path), str(path))
+    data = construct(root, str(path))
     source = Source(path, root)
     source.check_duplicates()
     return data, source
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and check the spec at `path` (BenchError: what is wrong, with file, line and key)."""
+def load_spec(path: str | Path, vocab_size: int | None = None) -> SweepSpec:
+    """Read and check the spec at `path` (BenchError: what is wrong, with file, line and key); with the
+    corpus's `vocab_size`, also the settings that depend on it (class counts, adaptive cutoffs)."""
     path = Path(path)
     data, source = parse_yaml(path)
     if not isinstance(data, dict):
@@ -201,7 +200,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     for key in data:
         if key not in SPEC_KEYS:
             raise source.error((key,), f"unknown key; known: {', '.join(SPEC_KEYS)}")
-    return SpecReader(data, source, path).read()
+    return SpecReader(data, source, path, vocab_size).read()
 
 
 def _is_number(value) -> bool:
@@ -211,8 +210,8 @@ def _is_number(value) -> bool:
 class SpecReader:
     """Checks one parsed spec, section by section, and builds its SweepSpec."""
 
-    def __init__(self, data: dict, source: Source, path: Path):
-        self.data, self.source, self.path = data, source, path
+    def __init__(self, data: dict, source: Source, path: Path, vocab_size: int | None = None):
+        self.data, self.source, self.path, self.vocab_size = data, source, path, vocab_size
 
     def fail(self, keys: tuple, message: str) -> BenchError:
         return self.source.error(keys, message)
@@ -228,6 +227,9 @@ class SpecReader:
         study = data.get("study", self.path.stem)
         if not isinstance(study, str) or not study.strip():
             raise self.fail(("study",), "must be a non-empty name")
+        if len(study.strip()) > STUDY_NAME_LENGTH:
+            raise self.fail(("study",), f"must be at most {STUDY_NAME_LENGTH} characters (Optuna's column), got "
+                                        f"{len(study.strip())}")
         corpus = data.get("corpus", "synthetic")  # checked with the configurations (corpora depend on the task)
         model = data.get("model")
         if model is not None:
@@ -250,6 +252,8 @@ class SpecReader:
         metric, direction = self.read_metric(task, self.check_configs(spec))
         sampler, sampler_options = self.read_choice("sampler", SAMPLERS, "grid" if grid_space else "tpe")
         pruner, pruner_options = self.read_choice("pruner", PRUNERS, "none" if grid_space else "median")
+        self.check_options("sampler", SAMPLERS[sampler], sampler_options)
+        self.check_options("pruner", PRUNERS[pruner], pruner_options)
         if (sampler == "grid") != bool(grid_space):
             raise self.fail(("sampler",), "the grid sampler runs a grid (grid:); a search space needs tpe or random")
         validation, epoch_metric, _ = TASK_METRICS[task]
@@ -432,6 +436,8 @@ class SpecReader:
         for point in points:
             try:
                 configs.append(spec.config(point))
+                if self.vocab_size is not None and spec.task == "lm":
+                    check_fits_vocabulary(configs[-1], self.vocab_size)
             except BenchError as error:
                 raise self.fail(self.culprit(str(error), point), f"{error} (in the configuration {point})") from None
         return configs
@@ -473,6 +479,29 @@ class SpecReader:
         if value not in choices:
             raise self.fail((key,), f"choose one of {', '.join(choices)}, got {value!r}")
         return value, options
+
+    def check_options(self, key: str, factory, options: dict) -> None:
+        """Each option of a sampler or pruner of a type its Optuna signature takes (a number, a flag, a name):
+        Optuna stores a wrong one and fails every trial with it. Its counts and seeds are never negative."""
+        parameters = inspect.signature(factory).parameters
+        settable = {name: getattr(p.annotation, "__name__", str(p.annotation)) for name, p in parameters.items()
+                    if name not in ("self", "search_space") and p.kind is not p.VAR_KEYWORD}
+        for name, value in options.items():
+            if name not in settable:
+                raise self.fail((key, name), f"unknown option; known: {', '.join(settable)}")
+            kinds = settable[name].split(" | ")
+            if not any(kind in OPTION_TYPES for kind in kinds):
+                raise self.fail((key, name), "cannot be set in a spec (Optuna takes a function)")
+            if value is None and "None" in kinds:
+                continue
+            if isinstance(value, bool):  # a bool is an int to isinstance
+                fits = "bool" in kinds
+            else:
+                fits = any(isinstance(value, OPTION_TYPES[kind]) for kind in kinds if kind in OPTION_TYPES)
+            if not fits:
+                raise self.fail((key, name), f"must be {' or '.join(kinds)}, got {value!r}")
+            if _is_number(value) and (value < 0 or not math.isfinite(value)):
+                raise self.fail((key, name), f"must not be negative, got {value!r}")
 
     def read_trials(self, grid_size: int | None) -> int:
         trials = self.data.get("trials", grid_size or 20)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import multiprocessing
-import netrc
 import os
 import socket
 import statistics
@@ -39,19 +38,20 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from bench.errors import BenchError
+from bench.errors import BenchError, Interrupted, one_line
 from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
 from bench.records import plain
-from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, redact, requeue_stale_trials
-from bench.sweep_spec import SweepSpec
+from bench.redact import redact
+from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, requeue_stale_trials
+from bench.sweep_spec import SweepSpec, load_spec
 from bench.threads import use_threads
+from bench.tracking import wandb_mode, wandb_settings
 
 STARTING_SECONDS = 60  # a running trial names its worker within moments; one that never did is stale by then
 PLACE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -64,53 +64,32 @@ class SurplusTrial(Exception):
 # --------------------------------------------------------------------------------------- W&B
 
 
-def wandb_logged_in() -> bool:
-    """Whether W&B credentials are configured ($WANDB_API_KEY or a netrc entry for the W&B host), read
-    without network: wandb has no public offline check (wandb.login prompts on a terminal without a key)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode(use_wandb: bool = True) -> str:
-    """disabled with --no-wandb; else $WANDB_MODE when set; else online when logged in, offline otherwise."""
-    if not use_wandb:
-        return "disabled"
-    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
-    return "offline" if mode == "dryrun" else mode
-
-
 def start_wandb_run(spec: SweepSpec, trial: optuna.Trial, config: dict, mode: str):
-    """A Lightning WandbLogger over a run of this trial alone (finished by finish_wandb_run), started here
-    so that a failure is caught: online but unreachable, the run is kept offline for `wandb sync`; W&B
-    itself broken, the trial runs without it."""
+    """A Lightning WandbLogger over a run of this trial alone (finished by finish_wandb_run), and the mode it
+    runs in, started here so that a failure is caught: online but unreachable, the run is kept offline for
+    `wandb sync` (and the next trials start offline); W&B itself broken, the trial runs without it."""
     if mode == "disabled":
-        return None
+        return None, mode
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     init = dict(project=spec.project or os.environ.get("WANDB_PROJECT") or "bench", group=spec.study,
                 job_type=config["model"], name=f"{spec.study}-{trial.number}", tags=[spec.study, config["corpus"]],
                 config={**config, "study": spec.study, "trial": trial.number},
-                settings=wandb.Settings(silent=True, init_timeout=60),
+                settings=wandb_settings(),
                 dir=os.environ.get("WANDB_DIR"))  # read per run: wandb's settings singleton keeps the first one
     for attempt in dict.fromkeys([mode, "offline"]):
         try:
             run = wandb.init(mode=attempt, **init)
         except Exception as error:  # noqa: BLE001 -- W&B trouble must not fail the trial
-            print(f"W&B {attempt} run did not start: {str(error).splitlines()[0] if str(error) else repr(error)}",
-                  flush=True)
+            print(f"W&B {attempt} run did not start: {redact(one_line(error))}", flush=True)
             continue
         # as WandbLogger does for the runs it starts: epoch metrics against the global step
         run.define_metric("trainer/global_step")
         run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         trial.set_user_attr("wandb_run", run.id)
-        return WandbLogger(experiment=run)
-    return None
+        return WandbLogger(experiment=run), attempt
+    return None, mode
 
 
 def finish_wandb_run(logger, state: str, summary: dict) -> None:
@@ -225,7 +204,7 @@ class Objective:
         logger, pruning = None, PruningCallback(trial, self.spec.epoch_metric)
         try:
             config = self.spec.config(self.spec.settings(trial))
-            logger = start_wandb_run(self.spec, trial, config, self.wandb_mode)
+            logger, self.wandb_mode = start_wandb_run(self.spec, trial, config, self.wandb_mode)
             record = run_experiment(config, data_dir=self.data_dir, logger=logger, callbacks=(pruning,),
                                     progress=self.progress, run_dir=self.run_dir(trial), resume=True, keep=self.keep)
             value = record.get(self.spec.metric)
@@ -235,8 +214,12 @@ class Objective:
             trial.set_user_attr("last_metrics", pruning.last_metrics)
             finish_wandb_run(logger, "pruned", pruning.last_metrics)
             raise
+        except Interrupted:
+            requeue_interrupted(trial)
+            finish_wandb_run(logger, "interrupted", pruning.last_metrics)
+            raise
         except Exception as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+            reason = redact(one_line(error))
             trial.set_user_attr("fail_reason", reason)
             trial.set_user_attr("last_metrics", pruning.last_metrics)
             finish_wandb_run(logger, "failed", {"fail_reason": reason, **pruning.last_metrics})
@@ -261,6 +244,15 @@ class Objective:
             trial.set_user_attr("surplus", f"the study had its {self.total} trials when this one started")
             trial.study.stop()
             raise SurplusTrial(trial.user_attrs["surplus"])
+
+
+def requeue_interrupted(trial: optuna.Trial) -> None:
+    """Fail the trial a signal stopped and queue its parameters again, as for a dead worker's trial: the next
+    command runs the copy, which resumes from this trial's run folder. The trial holds no place (no
+    fail_reason); its copy does."""
+    storage = trial.study._storage
+    if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+        optuna.storages.RetryHeartbeatStaleTrialCallback()(trial.study, storage.get_trial(trial._trial_id))
 
 
 def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
@@ -367,8 +359,12 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     if spec.grid_size is not None and total > spec.grid_size:
         raise BenchError(f"--trials {total}: the grid of {spec.path} has {spec.grid_size} points")
     data_dir = str(data_dir) if data_dir else None
-    # a missing corpus fails here, before the study is touched
-    (cached_tagged_corpus if spec.task == "tagging" else cached_corpus)(spec.corpus, data_dir)
+    # a missing corpus, or a setting it cannot take (more classes than words), fails here, before the study
+    # is touched
+    if spec.task == "tagging":
+        cached_tagged_corpus(spec.corpus, data_dir)
+    else:
+        load_spec(spec.path, vocab_size=len(cached_corpus(spec.corpus, data_dir).vocab))
     storage = open_storage(storage_url, heartbeat=True)
     study = open_study(spec, storage)
     with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since: not the user's business
@@ -394,5 +390,11 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
         # Lightning, ~7 s a worker here); nothing has run torch or W&B in this process yet.
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         with concurrent.futures.ProcessPoolExecutor(min(n_jobs, owed), mp_context=context) as pool:
-            list(pool.map(worker, range(min(n_jobs, owed))))
+            try:
+                list(pool.map(worker, range(min(n_jobs, owed))))
+            except Interrupted as stop:  # a signal to this process alone: the workers requeue their trials too
+                for process in list(pool._processes.values()):
+                    if process.is_alive():
+                        os.kill(process.pid, stop.signal_number)
+                raise
     return trials_table(study, spec.metric)

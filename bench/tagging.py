@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from bench.corpora import CONLL2000, SPLITS, TAGGING_CORPORA, locate
 from bench.errors import BenchError
+from bench.inputs import check_text_file
 
 PAD, UNK = "<pad>", "<unk>"
 TAG = re.compile(r"O|[BI]-\S+")
@@ -82,9 +83,8 @@ def _read_conll2000(data_dir: str | Path | None) -> dict[str, list[Sentence]]:
     if paths is None:
         sentences = _read_conll2000_hub()
     else:
-        for path in paths.values():
-            if path.stat().st_size == 0:
-                raise BenchError(f"{path}: the file is empty")
+        for split, path in paths.items():
+            check_text_file(path, split)
         dataset = load_dataset("text", data_files={s: str(p) for s, p in paths.items()})
         sentences = {split: parse_conll(dataset[split]["text"], str(path)) for split, path in paths.items()}
     train = sentences["train"]

@@ -10,7 +10,8 @@ from bench.harness import PROC_CLEAR_REFS, peak_memory_mb, run_experiment
 from bench.interpolation import mixture_perplexity, tune_interpolation
 from bench.models.kneser_ney import KneserNey
 from bench.models.plugins import model_names, model_spec
-from bench.store import open_storage, redact, save_record
+from bench.redact import redact
+from bench.store import open_storage, save_record
 
 TINY = {"corpus": "ptb", "max_epochs": 2, "hidden_size": 8}
 

@@ -23,7 +23,8 @@ from bench.models.plugins import model_spec
 from bench.reports import load_runs
 from bench.store import SUMMARY_KEYS, open_storage, save_record
 from bench.sweep_spec import load_spec
-from bench.sweeps import Objective, describe, places_taken, run_sweep, wandb_mode
+from bench.sweeps import Objective, describe, places_taken, run_sweep
+from bench.tracking import wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """

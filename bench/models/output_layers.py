@@ -59,6 +59,26 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_classes(classes, vocab_size: int) -> None:
+    if not _is_int(classes) or not 1 <= classes <= vocab_size:
+        raise BenchError(f"classes must be between 1 and |V|={vocab_size}, got {classes!r}")
+
+
+def check_cutoffs(cutoffs, vocab_size: int) -> None:
+    if (not isinstance(cutoffs, (list, tuple)) or not cutoffs or not all(_is_int(c) for c in cutoffs)
+            or cutoffs[0] <= 0 or cutoffs[-1] >= vocab_size or any(a >= b for a, b in zip(cutoffs, cutoffs[1:]))):
+        raise BenchError(f"cutoffs must be increasing and below |V|={vocab_size}, got {cutoffs!r}")
+
+
+def check_fits_vocabulary(config: dict, vocab_size: int) -> None:
+    """The output-layer settings of a run configuration that depend on the corpus's vocabulary size, checked
+    before a run (or a whole sweep) starts rather than when the model is built."""
+    if config.get("output") == "class" and config.get("classes") is not None:
+        check_classes(config["classes"], vocab_size)
+    if config.get("output") == "adaptive" and config.get("cutoffs") is not None:
+        check_cutoffs(config["cutoffs"], vocab_size)
+
+
 def bin_classes(counts: np.ndarray, classes: int, binning: str = "frequency") -> np.ndarray:
     """The class of every word id (non-decreasing, each of the `classes` classes non-empty).
 
@@ -70,8 +90,7 @@ def bin_classes(counts: np.ndarray, classes: int, binning: str = "frequency") ->
     which also covers words of zero count.
     """
     vocab_size = len(counts)
-    if not _is_int(classes) or not 1 <= classes <= vocab_size:
-        raise BenchError(f"classes must be between 1 and |V|={vocab_size}, got {classes!r}")
+    check_classes(classes, vocab_size)
     if binning not in CLASS_BINNINGS:
         raise BenchError(f"class_binning must be one of {', '.join(CLASS_BINNINGS)}, got {binning!r}")
     mass = np.asarray(counts, dtype=np.float64)
@@ -220,10 +239,7 @@ class AdaptiveSoftmax(nn.Module):
         vocab_size = len(counts)
         if cutoffs is None:  # head ~ the most frequent 20% of the vocabulary, two tail clusters
             cutoffs = sorted({min(max(round(f * vocab_size), 1), vocab_size - 1) for f in (0.2, 0.6)})
-        if (not isinstance(cutoffs, (list, tuple)) or not cutoffs or not all(_is_int(c) for c in cutoffs)
-                or cutoffs[0] <= 0 or cutoffs[-1] >= vocab_size
-                or any(a >= b for a, b in zip(cutoffs, cutoffs[1:]))):
-            raise BenchError(f"cutoffs must be increasing and below |V|={vocab_size}, got {cutoffs!r}")
+        check_cutoffs(cutoffs, vocab_size)
         if not isinstance(div_value, (int, float)) or isinstance(div_value, bool) or not div_value > 0:
             raise BenchError(f"div_value must be a positive number, got {div_value!r}")
         self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, [int(c) for c in cutoffs],
