@@ -267,15 +267,14 @@ def regress(baseline_path: Path, out: Path, update: bool = False, models: list[s
         raise BenchError(f"--batches and --repeats must be at least 1 and --speed-seconds above 0, got {batches}, "
                          f"{repeats} and {min_seconds}")
     baseline = {} if update else load_baseline(baseline_path)
-    check_writable(out)
-    if update:
-        check_writable(baseline_path.parent)
     runs = plan(models, batches, data_dir)
-    shared = {run["name"] for run in runs} & set(baseline.get("runs", {}))
-    if not update and not shared:
+    if not update and not {run["name"] for run in runs} & set(baseline["runs"]):
         raise BenchError(f"{baseline_path} shares no run with this set (baseline: {', '.join(baseline['runs'])}; "
                          f"this set: {', '.join(run['name'] for run in runs)}): nothing to compare; choose "
                          "--models of the baseline, or record this set with --update")
+    check_writable(out)
+    if update:
+        check_writable(baseline_path.parent)
     current = run_set(runs, repeats, min_seconds, data_dir)
     rows = compare(baseline, current)
     slower = set(rows["run"][(rows["figure"] == SPEED_FIGURE) & (rows["verdict"] == "REGRESSION")])

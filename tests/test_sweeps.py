@@ -90,10 +90,13 @@ def offline_wandb(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_wandb_is_offline_without_credentials_online_with_them(offline_wandb, monkeypatch):
+def test_wandb_is_offline_without_credentials_or_server_online_with_them(offline_wandb, monkeypatch):
     assert wandb_mode() == "offline"
     assert wandb_mode(use_wandb=False) == "disabled"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.invalid")  # no such host: offline at once, not after 60 s
+    assert wandb_mode() == "offline"
+    monkeypatch.setattr("bench.tracking.wandb_reachable", lambda url: True)
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode() == "disabled"
