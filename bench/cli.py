@@ -24,9 +24,35 @@ class Parser(argparse.ArgumentParser):
         raise BenchError(f"{self.prog}: {message}")
 
 
+class ModelHelp(argparse.Action):
+    """`bench train MODEL --help`: the usual help, then MODEL's hyper-parameters (bench.config.parameter_table)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show this help, and with a model its hyper-parameters, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        model = getattr(namespace, "model", None)
+        if model:
+            print_parameters(model)
+        parser.exit()
+
+
+def print_parameters(model: str) -> None:
+    from bench.config import parameter_table
+
+    rows = [{**row, "default": "" if row["default"] == "" else str(row["default"])} for row in parameter_table(model)]
+    columns = ("key", "type", "allowed", "default", "meaning")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}
+    print(f"\nhyper-parameters of {model} (--set KEY=VALUE; the defaults are `bench train`'s):")
+    for row in [dict(zip(columns, columns)), *rows]:
+        print("  " + "  ".join(row[c].ljust(widths[c]) for c in columns[:-1]) + "  " + row["meaning"])
+
+
 def common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else a "
-                                           "per-user cache folder)")
+    parser.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else shared/data "
+                                           "beside the checkout, else a per-user cache folder)")
     parser.add_argument("--storage", help="Optuna storage URL of the results database "
                                           "(default: sqlite:///bench.db in the working directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -41,8 +67,8 @@ def run_folder_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
-    from bench.data import CORPORA
-    from bench.models import REGISTRY
+    from bench.corpora import CORPORA
+    from bench.models.plugins import model_names
     from bench.regress import MIN_TIMED_SECONDS, QUALITY_BATCHES
 
     parser = Parser(prog="bench", description="Language-model benchmark suite (Mikolov et al. 2011 and beyond).")
@@ -50,8 +76,11 @@ def build_parser() -> Parser:
                                                              "the command)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    train = commands.add_parser("train", help="train and evaluate one model, print and store its record")
-    train.add_argument("model", help=f"one of: {', '.join(REGISTRY)}")
+    train = commands.add_parser("train", help="train and evaluate one model, print and store its record",
+                                add_help=False)
+    train.add_argument("-h", "--help", action=ModelHelp)
+    train.add_argument("model", help=f"one of: {', '.join(model_names())}; or a plugin class as "
+                                     "module.path:ClassName")
     train.add_argument("--corpus", default="synthetic", help=f"one of: {', '.join(CORPORA)} (default: synthetic)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a hyper-parameter (repeatable), e.g. --set hidden_size=200")
@@ -63,7 +92,8 @@ def build_parser() -> Parser:
 
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
-    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus)")
+    run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus, "
+                                                 "installed plugins included)")
     run.add_argument("--seeds", type=int, default=1, help="runs of each model with seeds 0, 1, ... (default: 1)")
     common_options(run)
 
@@ -78,8 +108,8 @@ def build_parser() -> Parser:
     sweep.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine (default: 1)")
     sweep.add_argument("--no-wandb", action="store_true", help="log nothing to W&B (also: WANDB_MODE=disabled); "
                                                                "without a W&B login runs are kept offline")
-    sweep.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else a per-user "
-                                          "cache folder)")
+    sweep.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else shared/data "
+                                          "beside the checkout, else a per-user cache folder)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     run_folder_options(sweep)
 
@@ -114,10 +144,10 @@ def run_and_store(config: dict, storage, study: str, **options) -> dict:
     """run_experiment, its record stored in `study`; a run that raises or diverges is stored as a failed trial
     with its reason and raises RunFailed. A user error (BenchError) stores nothing."""
     from bench.harness import run_experiment
-    from bench.models import REGISTRY
+    from bench.models.plugins import model_spec
     from bench.store import save_failure, save_record
 
-    metric = REGISTRY[config["model"]].metric
+    metric = model_spec(config["model"]).metric
     try:
         record = run_experiment(config, **options)
     except (BenchError, RunFailed):
@@ -134,14 +164,19 @@ def command_train(args) -> int:
     from pathlib import Path
 
     from bench.config import make_config, parse_assignments
+    from bench.corpora import require
+
+    config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
+    if args.seeds < 1:
+        raise BenchError(f"--seeds must be positive, got {args.seeds}")
+    require(config["corpus"], args.data_dir)
+
     from bench.harness import finished_record, run_folder_name
     from bench.store import open_storage
     from bench.tables import print_tables
     from bench.threads import use_threads
 
-    config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
-    if args.seeds < 1:
-        raise BenchError(f"--seeds must be positive, got {args.seeds}")
+    quiet_libraries()
     use_threads()
     storage = open_storage(args.storage)
     study = f"train-{args.model}-{args.corpus}"
@@ -170,17 +205,22 @@ def command_run(args) -> int:
     from pathlib import Path
 
     from bench.config import TASK_CORPORA, make_config
+    from bench.corpora import require
+    from bench.models.plugins import model_names, model_spec
+
+    if args.seeds < 1:
+        raise BenchError(f"--seeds must be positive, got {args.seeds}")
+    require(args.corpus, args.data_dir)  # first: finding a plugin's task imports it, and torch with it
+    models = args.models or [m for m in model_names() if args.corpus in TASK_CORPORA[model_spec(m).task]]
+    configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
+               for model in models for seed in range(args.seeds)]
+
     from bench.harness import run_folder_name
-    from bench.models import REGISTRY
     from bench.store import open_storage
     from bench.tables import print_tables
     from bench.threads import use_threads
 
-    if args.seeds < 1:
-        raise BenchError(f"--seeds must be positive, got {args.seeds}")
-    models = args.models or [m for m in REGISTRY if args.corpus in TASK_CORPORA[REGISTRY[m].task]]
-    configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
-               for model in models for seed in range(args.seeds)]
+    quiet_libraries()
     use_threads()
     storage = open_storage(args.storage)
     records, failures, finished = [], [], False
@@ -188,7 +228,7 @@ def command_run(args) -> int:
         for number, config in enumerate(configs, 1):
             print(f"[{number}/{len(configs)}] {config['model']} on {config['corpus']}"
                   + (f", seed {config['seed']}" if args.seeds > 1 else ""), flush=True)
-            spec = REGISTRY[config["model"]]  # one study per task: a study optimises one metric in one direction
+            spec = model_spec(config["model"])  # one study per task: a study optimises one metric in one direction
             study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
             try:
                 record = run_and_store(config, storage, study, data_dir=args.data_dir, progress=not args.no_progress,
@@ -213,6 +253,7 @@ def command_report(args) -> None:
 
     from bench.reports import make_report
 
+    quiet_libraries()
     make_report(args.storage, args.studies, Path(args.out), args.project, use_wandb=not args.no_wandb)
 
 
@@ -221,6 +262,8 @@ def command_sweep(args) -> None:
 
     from bench.sweep_spec import load_spec
     from bench.sweeps import run_sweep
+
+    quiet_libraries()
 
     table = run_sweep(load_spec(args.spec), args.trials, args.storage, args.n_jobs, args.data_dir,
                       use_wandb=not args.no_wandb, progress=not args.no_progress, worker_init=quiet_libraries,
@@ -233,6 +276,8 @@ def command_regress(args) -> int:
 
     from bench.regress import regress
 
+    quiet_libraries()
+
     return regress(Path(args.baseline), Path(args.out), args.update, args.models, args.batches, args.repeats,
                    args.speed_seconds, args.data_dir)
 
@@ -242,7 +287,8 @@ COMMANDS = {"train": command_train, "run": command_run, "sweep": command_sweep, 
 
 
 def quiet_libraries() -> None:
-    """Keep Lightning's banners and advice out of the tables the suite prints."""
+    """Keep Lightning's banners and advice out of the tables the suite prints. Called once a command has
+    imported what it runs: importing Lightning sets its logger's level back to INFO."""
     import datasets
     import optuna
 
@@ -282,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(number, raise_interrupted)
     try:
         args = build_parser().parse_args(argv)
-        quiet_libraries()
         return COMMANDS[args.command](args) or 0
     except BenchError as error:
         return fail(error, debug, 2, f"bench: error: {error}")

@@ -1,7 +1,8 @@
 """Run configurations: every hyper-parameter the suite knows, its type and range, and validation.
 
 A configuration is a flat dict: the model's registry defaults, overridden by the user's `--set key=value`
-(or a sweep's parameters), checked here before anything runs or is written.
+(or a sweep's parameters), checked here before anything runs or is written. A plugin model's own
+hyper-parameters (bench.models.plugins) are checked by the types of its constructor's parameters.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bench.data import CORPORA
+from bench.corpora import CORPORA, TAGGING_CORPORA
 from bench.errors import BenchError
 from bench.inputs import load_yaml
-from bench.models import REGISTRY
-from bench.schedules import SCHEDULES
-from bench.tagging import TAGGING_CORPORA
+from bench.models.plugins import model_spec
 
 TASK_CORPORA = {"lm": CORPORA, "tagging": TAGGING_CORPORA}
 
@@ -69,9 +68,13 @@ HARNESS = {
     "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
     "limit_train_batches": Param(int, 0, 10**9, help="training batches per epoch (0: all)"),
 }
+# The options of each schedule, with their defaults; an option of another schedule than the run's is an error.
+SCHEDULE_OPTIONS = {"plateau": {"patience": 1}, "rnnlm": {"min_improvement": 1.003},
+                    "zaremba": {"decay": 0.5, "decay_after": 4}}
+SCHEDULES = tuple(SCHEDULE_OPTIONS)  # bench.schedules
 # Settings of the models; each model accepts those its registry entry sets, plus the shared ones.
 MODEL = {
-    "optimizer": Param(str, choices=("sgd", "adam")),
+    "optimizer": Param(str, choices=("sgd", "adam"), help="SGD (sparse embedding gradients) or Adam"),
     "lr": Param(float, 1e-8, 1e4, help="learning rate"),
     "l2": Param(float, 0.0, 1.0, help="L2 weight decay of the dense parameters (rnnlm's -beta)"),
     "schedule": Param(str, choices=SCHEDULES, help="learning-rate schedule (bench.schedules)"),
@@ -79,23 +82,21 @@ MODEL = {
     "decay_after": Param(int, 0, 10_000, help="schedule zaremba: epochs at the initial rate"),
     "output": Param(str, choices=("full", "class", "adaptive"), help="output layer"),
     "classes": Param(int, 1, 10_000_000, help="classes of the class-based output layer"),
-    "class_binning": Param(str, choices=("frequency", "sqrt")),
+    "class_binning": Param(str, choices=("frequency", "sqrt"), help="words to classes by unigram frequency or by "
+                                                                   "its square root (rnnlm's default)"),
     "cutoffs": Param("ints", help="adaptive softmax cluster boundaries (word ids)"),
-    "div_value": Param(float, 1.0, 1e3),
+    "div_value": Param(float, 1.0, 1e3, help="adaptive softmax: each cluster's projection this many times smaller"),
     "order": Param(int, 1, 9, help="n of the n-gram (Kneser-Ney) or of the feed-forward model's context"),
-    "embedding_size": Param(int, 1, 1_000_000),
-    "hidden_size": Param(int, 1, 1_000_000),
-    "layers": Param(int, 1, 64),
-    "dropout": Param(float, 0.0, 0.99),
+    "embedding_size": Param(int, 1, 1_000_000, help="size of the input word vectors"),
+    "hidden_size": Param(int, 1, 1_000_000, help="units per hidden layer"),
+    "layers": Param(int, 1, 64, help="stacked recurrent layers"),
+    "dropout": Param(float, 0.0, 0.99, help="dropout probability (non-recurrent connections)"),
     "bptt_context": Param(int, 0, 10_000, help="steps before each chunk the gradient flows through too (rnn-bptt)"),
-    "activation": Param(str, choices=("sigmoid", "tanh", "relu")),
-    "tie_weights": Param(bool),
+    "activation": Param(str, choices=("sigmoid", "tanh", "relu"), help="hidden units' non-linearity"),
+    "tie_weights": Param(bool, help="share the input embedding with the output layer (Press & Wolf 2017)"),
     "cell": Param(str, choices=("elman", "gru", "lstm"), help="recurrent cell of the tagger"),
     "bidirectional": Param(bool, help="tagger reads both directions (false: left to right only)"),
 }
-# The options of each schedule, with their defaults; an option of another schedule than the run's is an error.
-SCHEDULE_OPTIONS = {"plateau": {"patience": 1}, "rnnlm": {"min_improvement": 1.003},
-                    "zaremba": {"decay": 0.5, "decay_after": 4}}
 # Keys of every model trained by gradient; of language models only (token streams, output layers, NN+KN).
 TRAINING_KEYS = ("optimizer", "lr", "clip", "l2", "init_range", "schedule", *{k for o in SCHEDULE_OPTIONS.values()
                                                                               for k in o})
@@ -119,22 +120,64 @@ def parse_assignments(assignments: list[str]) -> dict:
 
 
 def allowed_keys(model: str) -> list[str]:
-    spec = REGISTRY[model]
+    spec = model_spec(model)
     optional = set(TRAINING_KEYS + LM_KEYS + NEURAL_LM_KEYS)
-    keys = set(HARNESS) - optional | set(spec.defaults)
+    # a built-in model takes the settings its registry entry sets; a plugin its constructor's parameters
+    keys = set(HARNESS) - optional | (set(spec.params) if spec.plugin else set(spec.defaults))
     keys |= set(TRAINING_KEYS) if spec.neural else set()
     keys |= set(LM_KEYS) if spec.task == "lm" else set()
     keys |= set(NEURAL_LM_KEYS) if spec.neural and spec.task == "lm" else set()
     return sorted(keys)
 
 
+def number(value: float) -> str:
+    """A bound as people write it: 1,000,000 and 0.25, not 1e+06."""
+    return f"{int(value):,}" if math.isfinite(value) and value == int(value) and abs(value) < 1e12 else f"{value:g}"
+
+
+def parameter_table(model: str) -> list[dict]:
+    """What `bench train MODEL --help` lists: every key `--set` accepts for `model`, as validation checks it
+    (type, range or choices) and with the default `bench train` uses; then the model's fixed settings."""
+    spec = model_spec(model)
+    defaults = {**HARNESS_DEFAULTS, **spec.defaults}
+    defaults |= SCHEDULE_OPTIONS.get(defaults.get("schedule"), {})
+    params = parameters(spec)
+    rows = []
+    for key in allowed_keys(model):
+        param = params[key]
+        kind = param.kind if isinstance(param.kind, str) else param.kind.__name__
+        choices = TASK_CORPORA[spec.task] if key == "corpus" else param.choices
+        if choices:
+            allowed = ", ".join(map(str, choices))
+        elif param.kind in (int, float, "floats") and (math.isfinite(param.low) or math.isfinite(param.high)):
+            allowed = f"{number(param.low)} .. {number(param.high)}"
+        else:
+            allowed = ""
+        rows.append({"key": key, "type": kind, "allowed": allowed, "default": defaults.get(key, ""),
+                     "meaning": param.help})
+    return rows + [{"key": key, "type": "fixed", "allowed": "", "default": value, "meaning": f"what makes it {model}"}
+                   for key, value in spec.fixed.items()]
+
+
+def parameters(spec) -> dict[str, Param]:
+    """How each key is checked for a model: the suite's own keys, and a plugin's constructor parameters by
+    their types (a harness key keeps the suite's range even where a plugin takes it too)."""
+    own = {key: Param(kind, choices=choices, help="the plugin's own (its constructor's parameter)")
+           for key, (kind, choices) in spec.params.items()}
+    return {**MODEL, **own, **HARNESS}
+
+
 def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
     """The validated configuration of one run of `model`."""
-    if model not in REGISTRY:
-        raise BenchError(f"unknown model {model!r}: choose one of {', '.join(REGISTRY)}")
-    spec = REGISTRY[model]
+    spec = model_spec(model)
     overrides = dict(overrides or {})
     keys = allowed_keys(model)
+    if spec.plugin:
+        for attribute, settings in (("DEFAULTS", spec.defaults), ("QUICK", spec.quick)):
+            unknown = [key for key in settings if key not in keys]
+            if unknown:
+                raise BenchError(f"model plugin {model!r}: {attribute} sets unknown hyper-parameter {unknown[0]!r}; "
+                                 f"known: {', '.join(keys)}")
     for key in overrides:
         if key in spec.fixed:
             raise BenchError(f"{key} is fixed for {model} (it is what makes it {model})")
@@ -145,8 +188,9 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     config = {key: value for key, value in config.items() if key in keys}
     if "schedule" in config:
         config = with_schedule_options(model, config, overrides)
+    params = parameters(spec)
     for key, value in config.items():
-        config[key] = {**HARNESS, **MODEL}[key].check(key, value)
+        config[key] = params[key].check(key, value)
     if config["corpus"] not in TASK_CORPORA[spec.task]:
         raise BenchError(f"{model} needs a {'tagging' if spec.task == 'tagging' else 'language-model'} corpus: "
                          f"choose one of {', '.join(TASK_CORPORA[spec.task])}, got {config['corpus']!r}")
@@ -161,7 +205,7 @@ def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
     schedule = config["schedule"]
     if schedule not in SCHEDULE_OPTIONS:
         MODEL["schedule"].check("schedule", schedule)
-    if schedule == "rnnlm" and REGISTRY[model].task != "lm":
+    if schedule == "rnnlm" and model_spec(model).task != "lm":
         raise BenchError(f"schedule rnnlm watches validation perplexity: it is for language models, not {model}")
     for other, options in SCHEDULE_OPTIONS.items():
         for key in options:
@@ -174,5 +218,5 @@ def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
 
 def model_arguments(config: dict) -> dict:
     """The keyword arguments of the model's module: its settings and fixed settings, no harness keys."""
-    spec = REGISTRY[config["model"]]
-    return {**{k: v for k, v in config.items() if k in MODEL}, **spec.fixed}
+    spec = model_spec(config["model"])
+    return {**{k: v for k, v in config.items() if k in MODEL or k in spec.params}, **spec.fixed}

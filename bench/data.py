@@ -21,36 +21,14 @@ import platformdirs
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bench.corpora import CORPORA, FILE_CORPORA, SPLITS, FileCorpus, locate
 from bench.errors import BenchError
 from bench.inputs import check_text_file
 
 EOS = "<eos>"
 UNK = "<unk>"
-SPLITS = ("train", "valid", "test")
 SYNTHETIC_VERSION = 1  # bump when the generator changes, so cached corpora are regenerated
 
-
-@dataclass(frozen=True)
-class FileCorpus:
-    """A corpus read from text files under the data directory, with a Hub dataset as online fallback."""
-
-    files: dict[str, str]  # split -> path relative to the data directory
-    hub_name: str
-    hub_config: str | None
-    hub_column: str
-
-
-FILE_CORPORA = {
-    "ptb": FileCorpus(
-        files={s: f"ptb/ptb.{s}.txt" for s in SPLITS},
-        hub_name="ptb_text_only", hub_config=None, hub_column="sentence",
-    ),
-    "wikitext-2": FileCorpus(
-        files={s: f"wikitext-2/{s}.txt" for s in SPLITS},
-        hub_name="Salesforce/wikitext", hub_config="wikitext-2-v1", hub_column="text",
-    ),
-}
-CORPORA = ("synthetic", *FILE_CORPORA)
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
@@ -90,15 +68,6 @@ class Corpus:
         return float(np.exp(-self.oracle_log_probs[split].mean()))
 
 
-def default_data_dir() -> Path:
-    return Path(platformdirs.user_cache_dir("bench")) / "data"
-
-
-def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """--data-dir, else $BENCH_DATA_DIR, else a per-user cache directory."""
-    return Path(data_dir or os.environ.get("BENCH_DATA_DIR") or default_data_dir())
-
-
 def tokenize(lines: list[str]) -> list[str]:
     return [word for line in lines for word in (*line.split(), EOS)]
 
@@ -130,40 +99,30 @@ def encode(tokens: list[str], vocab: Vocabulary, where: str) -> np.ndarray:
 def _read_local(paths: dict[str, Path]) -> dict[str, list[str]]:
     from datasets import load_dataset
 
-    for path in paths.values():
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise FileNotFoundError(path)
     for split, path in paths.items():
+        if not os.access(path, os.R_OK):
+            raise BenchError(f"{path}: the {split} file cannot be read")
         check_text_file(path, split)
     dataset = load_dataset("text", data_files={s: str(p) for s, p in paths.items()})
     return {split: dataset[split]["text"] for split in paths}
 
 
-def _read_hub(spec: FileCorpus) -> dict[str, list[str]]:
+def _read_hub(name: str, spec: FileCorpus) -> dict[str, list[str]]:
     from datasets import load_dataset
 
-    dataset = load_dataset(spec.hub_name, spec.hub_config)
+    try:
+        dataset = load_dataset(spec.hub_name, spec.hub_config)
+    except Exception as error:  # whatever the Hub answered (no such dataset, a dropped connection)
+        raise BenchError(f"corpus {name!r}: reading {spec.hub_name} from the Hugging Face Hub failed "
+                         f"({type(error).__name__}); put {', '.join(spec.files.values())} under the data folder "
+                         "instead") from None
     return {split: dataset[HUB_SPLITS[split]][spec.hub_column] for split in SPLITS}
 
 
-def _read_file_corpus(name: str, root: Path) -> dict[str, list[str]]:
+def _read_file_corpus(name: str, data_dir: str | Path | None) -> dict[str, list[str]]:
     spec = FILE_CORPORA[name]
-    paths = {split: root / rel for split, rel in spec.files.items()}
-    try:
-        return _read_local(paths)
-    except FileNotFoundError as missing:
-        absent = missing.args[0]
-    try:
-        return _read_hub(spec)
-    except Exception:  # any Hub failure (no network, no such dataset) ends in the same user message
-        expected = ", ".join(spec.files.values())
-        found = [str(path) for path in paths.values() if path.is_file()]
-        raise BenchError(
-            f"corpus {name!r} not found: "
-            + (f"{absent} is missing or unreadable (found {', '.join(found)}); " if found else "")
-            + f"put {expected} under {root} (--data-dir or $BENCH_DATA_DIR); "
-            f"the Hugging Face Hub ({spec.hub_name}) could not be reached either"
-        ) from None
+    paths = locate(name, spec, data_dir)
+    return _read_hub(name, spec) if paths is None else _read_local(paths)
 
 
 def synthetic_lines(seed: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray], list[str]]:
@@ -190,7 +149,7 @@ def load_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) ->
     if name == "synthetic":
         lines, oracle, known_words = synthetic_lines(seed)
     else:
-        lines = _read_file_corpus(name, resolve_data_dir(data_dir))
+        lines = _read_file_corpus(name, data_dir)
     tokens = {split: tokenize(lines[split]) for split in SPLITS}
     if not any(t != EOS for t in tokens["train"]):
         raise BenchError(f"corpus {name!r}: the training split has no words")

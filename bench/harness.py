@@ -30,8 +30,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from bench.config import model_arguments
 from bench.data import Corpus, LanguageModelData, load_corpus
 from bench.interpolation import tune_interpolation
-from bench.models import REGISTRY
 from bench.models.kneser_ney import KneserNey
+from bench.models.plugins import model_spec
 from bench.records import plain, write_atomically
 from bench.schedules import schedule_callbacks
 from bench.tagging import TaggedCorpus, TaggingData, load_tagged_corpus
@@ -146,7 +146,7 @@ def cached_tagged_corpus(name: str, data_dir: str | None) -> TaggedCorpus:
 
 def build(config: dict, data_dir: str | None) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """The configured model and the batches of its corpus."""
-    spec = REGISTRY[config["model"]]
+    spec = model_spec(config["model"])
     arguments = model_arguments(config)
     if spec.task == "tagging":
         corpus = cached_tagged_corpus(config["corpus"], data_dir)
@@ -387,6 +387,7 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         "git_commit": commit,
         "versions": library_versions(),
         "config": config,
+        **({"plugin": plugin} if (plugin := model_spec(config["model"]).plugin) else {}),
     }
     if run_dir is not None:
         write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))

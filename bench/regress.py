@@ -1,7 +1,7 @@
 """`bench regress`: re-run a fixed, seeded set of runs and compare every figure with a committed baseline.
 
-The set: every model of the registry on `synthetic` (and, when the data directory has PTB, a short PTB
-slice for a few models), with fixed small budgets. Two kinds of figure:
+The set: every model (built-in, and the installed plugins) on `synthetic` (and, when the data directory has
+PTB, a short PTB slice for a few models), with fixed small budgets. Two kinds of figure:
 
 - quality (perplexity; F1 for taggers, ModelSpec.task == "tagging"): deterministic on CPU for a seed, so the
   tolerance is tight -- relative TIGHT when the torch version and the CPU's instruction set (torch's
@@ -15,7 +15,7 @@ slice for a few models), with fixed small budgets. Two kinds of figure:
   confirmed: a run whose ratio falls that far is measured `repeats` times more (a disturbance of the
   machine passes, a slowdown of the code stays) and judged on the median of all its repetitions.
 
-Everything is measured in a subprocess (`python -m bench.regress PLAN RESULT`) started with glibc's malloc
+Everything is measured in a subprocess (`python -m bench.measuring PLAN RESULT`) started with glibc's malloc
 thresholds raised and one torch thread (see MEASURING_ENV). The baseline is the measurements JSON of a run
 with --update, with the commit, machine, date and library versions in it; a run whose configuration differs
 from the baseline's is not comparable and fails too (regenerate the baseline).
@@ -25,18 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pandas as pd
-import torch
 
 from bench.errors import BenchError
 from bench.models import TASK_METRICS
@@ -66,7 +61,7 @@ THREADS = 1
 
 
 def ptb_available(data_dir: str | None) -> bool:
-    from bench.data import FILE_CORPORA, resolve_data_dir
+    from bench.corpora import FILE_CORPORA, resolve_data_dir
 
     root = resolve_data_dir(data_dir)
     return all((root / path).is_file() for path in FILE_CORPORA["ptb"].files.values())
@@ -76,137 +71,23 @@ def plan(models: list[str] | None = None, batches: int = QUALITY_BATCHES, data_d
     """The runs of the set (validated configurations): per run its quality config and, on synthetic, its
     speed config."""
     from bench.config import allowed_keys, make_config
-    from bench.models import REGISTRY
-
-    unknown = [model for model in models or [] if model not in REGISTRY]
-    if unknown:
-        raise BenchError(f"unknown model {unknown[0]!r}: choose from {', '.join(REGISTRY)}")
+    from bench.models.plugins import model_names, model_spec
 
     def config(model: str, overrides: dict) -> dict:
-        budget = {"limit_train_batches": batches, **overrides} if REGISTRY[model].neural else {}
+        budget = {"limit_train_batches": batches, **overrides} if model_spec(model).neural else {}
         return make_config(model, {k: v for k, v in budget.items() if k in allowed_keys(model)}, quick=True)
 
     runs = []
-    for model in models or list(REGISTRY):
+    for model in models or model_names():
         runs.append({"name": f"{model}/synthetic", "model": model, "corpus": "synthetic",
-                     "task": REGISTRY[model].task, "quality": config(model, QUALITY), "speed": config(model, SPEED)})
+                     "task": model_spec(model).task, "quality": config(model, QUALITY), "speed": config(model, SPEED)})
     if ptb_available(data_dir):
         for model in [m for m in PTB if m in (models or PTB)]:
             overrides = {"corpus": "ptb", **PTB_BUDGET, **PTB[model]}
-            quality = make_config(model, overrides if REGISTRY[model].neural else {"corpus": "ptb"}, quick=True)
-            runs.append({"name": f"{model}/ptb", "model": model, "corpus": "ptb", "task": REGISTRY[model].task,
+            quality = make_config(model, overrides if model_spec(model).neural else {"corpus": "ptb"}, quick=True)
+            runs.append({"name": f"{model}/ptb", "model": model, "corpus": "ptb", "task": model_spec(model).task,
                          "quality": quality, "speed": None})
     return runs
-
-
-# ------------------------------------------------------------------------------------------- measuring
-
-
-class StepClock(pl.Callback):
-    """CPU seconds (time.process_time) of the training steps, timed where the harness's SpeedMonitor times
-    its wall seconds. CPU time, because on a shared machine other processes take the core for part of a step:
-    in a probe of 3 runs on 2 busy cores, the wall-clock ratio of one model spread up to 48%, the CPU-time
-    ratio up to 8%."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.process_time()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seconds += time.process_time() - self._start
-
-
-def calibrate(blocks: int = 10) -> dict:
-    """This machine's speed now, in CPU time: the median of `blocks` timings each of fp32 matmul throughput
-    (256x256 products, GFLOP/s: compute-bound) and of small training steps (a 32x128 tanh layer forward and
-    backward, steps/s: the per-operation overhead that dominates this set's small models). Their geometric
-    mean tracked the models' own swings under load better than either alone (measured: coefficient of
-    variation of the ratio 9.9% with the matmul alone, 8.4% with both, for the noisiest model here)."""
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(256, 256, generator=generator), torch.randn(256, 256, generator=generator)
-    x, w = torch.randn(32, 128, generator=generator), torch.randn(128, 128, generator=generator, requires_grad=True)
-    out = torch.mm(a, b)
-    gflops, steps = [], []
-    for _ in range(blocks):
-        start = time.process_time()
-        for _ in range(20):
-            torch.mm(a, b, out=out)
-        gflops.append(2 * 256**3 * 20 / (time.process_time() - start) / 1e9)
-        start = time.process_time()
-        for _ in range(200):
-            torch.tanh(x @ w).sum().backward()
-        steps.append(200 / (time.process_time() - start))
-    gflops, steps = statistics.median(gflops), statistics.median(steps)
-    return {"gflops": gflops, "steps": steps, "speed": machine_speed(gflops, steps)}
-
-
-def machine_speed(gflops: float, steps: float) -> float:
-    """The calibration the speed ratio divides by: the geometric mean of the two measured rates."""
-    return (gflops * steps) ** 0.5
-
-
-def timed_training(config: dict, min_seconds: float, data_dir: str | None) -> tuple[float, float]:
-    """(tokens, CPU seconds) of the training steps of runs of `config`, repeated until `min_seconds` are
-    timed (one to three runs of a neural model here; ~40 of the n-gram model, whose counting pass takes ~40 ms)."""
-    from bench.harness import run_experiment
-
-    tokens = seconds = 0.0
-    while seconds < min_seconds:
-        clock = StepClock()
-        record = run_experiment(config, data_dir=data_dir, progress=False, callbacks=(clock,))
-        # the tokens the harness counted: its tokens/s times its timed seconds (minutes per epoch x epochs)
-        tokens += record["tokens_per_second"] * record["minutes_per_epoch"] * 60 * record["epochs"]
-        seconds += clock.seconds
-    return tokens, seconds
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"hostname": platform.node(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count(), "system": platform.platform()}
-
-
-def measure(runs: list[dict], repeats: int, min_seconds: float, data_dir: str | None) -> dict:
-    """Run the set in this process: each run's quality config once, then `repeats` rounds over the speed
-    configs, each timed between two calibrations (rounds interleave the models, so a passing disturbance
-    hits one repetition of each rather than every repetition of one)."""
-    from bench.harness import git_commit, library_versions, run_experiment
-
-    torch.set_num_threads(THREADS)
-    results = {}
-    for number, run in enumerate(runs, 1):
-        quality = {}
-        if run["quality"]:  # None: a confirmation of speed only
-            print(f"[quality {number}/{len(runs)}] {run['name']}", flush=True)
-            record = run_experiment(run["quality"], data_dir=data_dir, progress=False)
-            quality = {f: record[f] for f in FIGURES[run["task"]] if record.get(f) is not None}
-        results[run["name"]] = {**{k: run[k] for k in ("model", "corpus", "task")}, "config": run["quality"],
-                                "quality": quality, "speed": None}
-    timed = [run for run in runs if run["speed"]]
-    for round_ in range(1, repeats + 1):
-        print(f"[speed round {round_}/{repeats}] {', '.join(run['name'] for run in timed)}", flush=True)
-        for run in timed:
-            before = calibrate()
-            tokens, seconds = timed_training(run["speed"], min_seconds, data_dir)
-            after = calibrate()
-            speed = results[run["name"]]["speed"] or {"config": run["speed"], "tokens_per_cpu_second": [],
-                                                      "calibration": [], "ratios": []}
-            calibration = {k: statistics.mean([before[k], after[k]]) for k in ("gflops", "steps")}
-            speed["tokens_per_cpu_second"].append(tokens / seconds)
-            speed["calibration"].append(calibration)
-            speed["ratios"].append(tokens / seconds / machine_speed(**calibration))
-            speed["ratio"] = statistics.median(speed["ratios"])
-            results[run["name"]]["speed"] = speed
-    meta = {"commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
-            "versions": library_versions(), "threads": THREADS, "repeats": repeats, "speed_seconds": min_seconds,
-            "environment": MEASURING_ENV}
-    return {"meta": meta, "runs": results}
 
 
 def run_set(runs: list[dict], repeats: int, min_seconds: float, data_dir: str | None) -> dict:
@@ -215,7 +96,7 @@ def run_set(runs: list[dict], repeats: int, min_seconds: float, data_dir: str | 
         plan_path, result_path = Path(folder) / "plan.json", Path(folder) / "result.json"
         plan_path.write_text(json.dumps({"runs": runs, "repeats": repeats, "min_seconds": min_seconds,
                                          "data_dir": data_dir}))
-        done = subprocess.run([sys.executable, "-m", "bench.regress", str(plan_path), str(result_path)],
+        done = subprocess.run([sys.executable, "-m", "bench.measuring", str(plan_path), str(result_path)],
                               env={**os.environ, **MEASURING_ENV})
         result = json.loads(result_path.read_text()) if result_path.is_file() else None
     if result and "error" in result:
@@ -421,23 +302,3 @@ def regress(baseline_path: Path, out: Path, update: bool = False, models: list[s
             step_summary.write(summary)
     print(summary)
     return 1 if len(failed) and not update else 0
-
-
-def worker(plan_path: str, result_path: str) -> None:
-    """The measuring subprocess: read the plan, measure, write the measurements (or a user error) as JSON."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")  # Lightning's advice, as `bench` itself keeps it out of its output
-    for name in ("lightning.pytorch", "lightning.fabric", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    work = json.loads(Path(plan_path).read_text())
-    try:
-        result = measure(work["runs"], work["repeats"], work["min_seconds"], work["data_dir"])
-    except BenchError as error:
-        result = {"error": str(error)}
-    Path(result_path).write_text(json.dumps(result))
-
-
-if __name__ == "__main__":
-    worker(*sys.argv[1:])

@@ -35,7 +35,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure draws with the Agg canvas: no GUI backend, no pyplot state
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from bench.errors import BenchError
 from bench.records import check_writable
@@ -218,9 +218,16 @@ def stop_label(run) -> str:
     return f"cut short: {stopped}" if isinstance(stopped, str) else "cut short: unknown"
 
 
+def output_label(run) -> str:
+    """The run's output layer: "full", "class 100", "adaptive"; empty for a model without one (KN)."""
+    if not isinstance(run.get("output"), str):
+        return ""
+    return f"class {int(run['classes'])}" if run["output"] == "class" else run["output"]
+
+
 def table2(best: pd.DataFrame) -> pd.DataFrame:
     """Mikolov et al. 2011, Table 2: test perplexity of each model alone (NN) and interpolated with KN5
-    (NN+KN), per corpus, with each run's epochs and what stopped it; on PTB beside the paper's figures and
+    (NN+KN), per corpus, with each run's output layer, epochs and what stopped it; on PTB beside the paper's figures and
     the difference (ours - paper), left empty for a run cut short by a budget. Each cell is the model's best
     configuration on that corpus (lowest validation perplexity)."""
     lm = best[(best["task"] == "lm") & best["model"].isin(list(TABLE2_ROWS))]
@@ -229,6 +236,7 @@ def table2(best: pd.DataFrame) -> pd.DataFrame:
     paper = pd.DataFrame(PAPER_TABLE2, index=["NN", "NN+KN"]).T.reindex(list(TABLE2_ROWS)).astype(float)
     for corpus in _corpora(runs):
         measured = runs[runs["corpus"] == corpus].set_index("model").reindex(list(TABLE2_ROWS))
+        table[f"{corpus} output"] = [output_label(run) for _, run in measured.iterrows()]
         table[f"{corpus} epochs"] = measured["epochs"].to_numpy(dtype=float)
         table[f"{corpus} stopped by"] = [stop_label(run) if isinstance(run["record"], dict) else ""
                                          for _, run in measured.iterrows()]
@@ -389,6 +397,10 @@ def plot_wall_clock(best: pd.DataFrame, tables: dict[str, pd.DataFrame], path: P
             curve = run["record"]["curve"]
             ax.plot([p["wall_minutes"] for p in curve], [p["val_ppl"] for p in curve], marker=".", label=run_label(run))
         ax.set(xscale="log", yscale="log", xlabel="wall minutes", ylabel="validation perplexity", title=title)
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 200 and 300 on a log axis, not 2 x 10^2
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)  # perplexities span less than a decade: label the minor ticks
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     figure.savefig(path, dpi=110)
     return path

@@ -30,8 +30,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-SCHEDULES = ("plateau", "rnnlm", "zaremba")
-
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, decay: float, decay_after: int, monitor: str,
                  mode: str) -> dict | None:

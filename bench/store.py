@@ -12,6 +12,7 @@ import os
 import sqlite3
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -93,6 +94,14 @@ def is_json(line: bytes) -> bool:
     return True
 
 
+def requeue_stale_trials() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Optuna's callback that requeues a failed stale trial with its parameters. Experimental in Optuna's
+    terms (since 2.8, unchanged since); the warning saying so is not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback()
+
+
 def open_storage(url: str | None = None, heartbeat: bool = False, create: bool = True):
     """An Optuna storage from a URL: RDB URLs as they are; `journal:PATH` for Optuna's journal file.
 
@@ -106,7 +115,7 @@ def open_storage(url: str | None = None, heartbeat: bool = False, create: bool =
     if url.startswith("sqlite:///") and url.removeprefix("sqlite:///") not in ("", ":memory:"):
         check_sqlite(Path(url.removeprefix("sqlite:///")), create)
     beats = dict(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
-                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+                 heartbeat_stale_trial_callback=requeue_stale_trials())
     # SQLite: concurrent workers wait for the write lock instead of failing after sqlite3's 5 s default
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(CREATE_ATTEMPTS):

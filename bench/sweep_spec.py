@@ -32,12 +32,13 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from bench.config import make_config
 from bench.errors import BenchError
 from bench.inputs import compose, construct, read_utf8
-from bench.models import REGISTRY, TASK_METRICS
+from bench.models import TASK_METRICS
 from bench.models.output_layers import check_fits_vocabulary
+from bench.models.plugins import model_names, model_spec
 
 SPEC_KEYS = {
     "study": "study name (default: the file name)",
-    "model": "registry model (or give `model` in the grid)",
+    "model": "model name, or a plugin class as module.path:ClassName (or give `model` in the grid)",
     "corpus": "corpus name",
     "metric": "record figure to optimise (default: valid_ppl; valid_f1 for taggers)",
     "direction": "minimize or maximize (default: the metric's)",
@@ -231,8 +232,8 @@ class SpecReader:
                                         f"{len(study.strip())}")
         corpus = data.get("corpus", "synthetic")  # checked with the configurations (corpora depend on the task)
         model = data.get("model")
-        if model is not None and model not in REGISTRY:
-            raise self.fail(("model",), f"unknown model {model!r}; choose one of {', '.join(REGISTRY)}")
+        if model is not None:
+            self.check_model(("model",), model)
         fixed, budget = self.read_fixed(), self.read_budget()
         search = self.read_search()
         grid_space, grid_points = self.read_grid()
@@ -241,7 +242,7 @@ class SpecReader:
         if not search and not grid_space:
             raise self.fail((), "give a search space (search:) or a grid (grid:)")
         models = self.models(model, search, grid_space, grid_points)
-        tasks = {REGISTRY[m].task for m in models}
+        tasks = {model_spec(m).task for m in models}
         if len(tasks) > 1:
             raise self.fail(("model",), f"models of different tasks ({', '.join(sorted(tasks))}) in one study")
         task = tasks.pop()
@@ -409,9 +410,17 @@ class SpecReader:
         for candidate in candidates:
             if candidate is None:
                 raise self.fail(keys, "no model: give model: (or a model in the grid)")
-            if candidate not in REGISTRY:
-                raise self.fail(keys, f"unknown model {candidate!r}; choose one of {', '.join(REGISTRY)}")
+            self.check_model(keys, candidate)
         return sorted(set(candidates))
+
+    def check_model(self, keys: tuple, model) -> None:
+        """A model name the suite can run: built-in, an installed plugin, or a loadable module.path:ClassName."""
+        if not isinstance(model, str):
+            raise self.fail(keys, f"a model is a name, got {model!r}; choose one of {', '.join(model_names())}")
+        try:
+            model_spec(model)
+        except BenchError as error:
+            raise self.fail(keys, str(error)) from None
 
     def check_configs(self, spec: SweepSpec) -> list[dict]:
         """make_config on every grid point, or every combination of the search space's bounds and choices."""

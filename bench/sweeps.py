@@ -33,7 +33,9 @@ import math
 import multiprocessing
 import os
 import socket
+import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from bench.errors import BenchError, Interrupted, one_line
 from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
 from bench.records import plain
 from bench.redact import redact
-from bench.store import DEFAULT_STORAGE, open_storage, record_attributes
+from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, requeue_stale_trials
 from bench.sweep_spec import SweepSpec, load_spec
 from bench.threads import use_threads
 from bench.tracking import wandb_mode, wandb_settings
@@ -138,7 +140,7 @@ def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
 def recover_dead_trials(study: optuna.Study, storage) -> list[int]:
     """Fail the running trials whose worker is gone and requeue their parameters (as Optuna does for
     heartbeat-stale ones); returns their numbers. Only the worker whose state change succeeds requeues."""
-    requeue = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    requeue = requeue_stale_trials()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(trial):
@@ -250,13 +252,16 @@ def requeue_interrupted(trial: optuna.Trial) -> None:
     fail_reason); its copy does."""
     storage = trial.study._storage
     if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-        optuna.storages.RetryHeartbeatStaleTrialCallback()(trial.study, storage.get_trial(trial._trial_id))
+        requeue_stale_trials()(trial.study, storage.get_trial(trial._trial_id))
 
 
 def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
     attrs = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
-        return f"{metric} {trial.value:.2f}"
+        record = attrs.get("record") or {}
+        cut = record.get("stopped_by") == "max_minutes"
+        return f"{metric} {trial.value:.2f}" + (f", cut by the minutes budget at epoch {record['epochs']}" if cut
+                                                else "")
     if trial.state == TrialState.PRUNED:
         last = attrs.get("last_metrics") or {}
         figures = " ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch")
@@ -325,6 +330,24 @@ def trials_table(study: optuna.Study, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def warn_if_minutes_cut_epochs(spec: SweepSpec, storage) -> None:
+    """Say so when the budget's minutes will stop trials before its epochs: the minutes per epoch of the
+    stored runs of the spec's model on its corpus (median, any study) times its epochs exceed its minutes."""
+    epochs, minutes = spec.budget.get("max_epochs"), spec.budget.get("max_minutes")
+    if not (epochs and minutes):
+        return
+    per_epoch = [record["minutes_per_epoch"] for summary in optuna.get_all_study_summaries(storage)
+                 for trial in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(
+                     deepcopy=False, states=(TrialState.COMPLETE,))
+                 if (record := trial.user_attrs.get("record") or {}).get("model") == spec.model
+                 and record.get("corpus") == spec.corpus and record.get("minutes_per_epoch")]
+    if per_epoch and epochs * statistics.median(per_epoch) > minutes:
+        print(f"warning: {spec.path}: budget epochs {epochs} take about {epochs * statistics.median(per_epoch):.3g} "
+              f"minutes here ({statistics.median(per_epoch):.3g} an epoch, the median of {len(per_epoch)} stored "
+              f"runs of {spec.model} on {spec.corpus}), but minutes {minutes:g} stop each trial at about epoch "
+              f"{minutes / statistics.median(per_epoch):.2g}", flush=True)
+
+
 def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | None = None, n_jobs: int = 1,
               data_dir: str | None = None, use_wandb: bool = True, progress: bool = True,
               worker_init=None, run_root: Path | None = None, keep: str = "best") -> pd.DataFrame:
@@ -344,12 +367,16 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
         load_spec(spec.path, vocab_size=len(cached_corpus(spec.corpus, data_dir).vocab))
     storage = open_storage(storage_url, heartbeat=True)
     study = open_study(spec, storage)
-    optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
+    with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since: not the user's business
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
     recovered = recover_dead_trials(study, storage)
     if recovered:
         print(f"trials {', '.join(map(str, recovered))}: their worker is gone; failed and requeued", flush=True)
     mode = wandb_mode(use_wandb)
     owed = trials_to_run(study, total)
+    if owed:
+        warn_if_minutes_cut_epochs(spec, storage)
     print(f"study {spec.study} in {redact(storage_url or DEFAULT_STORAGE)}: {min(places_taken(study), total)} of "
           f"{total} trials held, {owed} to run; W&B {mode}"
           + (" (no login: runs kept in ./wandb or $WANDB_DIR; `wandb sync` uploads them)" if mode == "offline"

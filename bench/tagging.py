@@ -28,16 +28,14 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
+from bench.corpora import CONLL2000, SPLITS, TAGGING_CORPORA, locate
 from bench.errors import BenchError
 from bench.inputs import check_text_file
 
 PAD, UNK = "<pad>", "<unk>"
-SPLITS = ("train", "valid", "test")
 TAG = re.compile(r"O|[BI]-\S+")
 VALID_FRACTION, VALID_SEED = 0.1, 0  # the validation split carved from CoNLL-2000's train: fixed for every run
-TAGGING_CORPORA = ("synthetic", "conll2000")
 MIN_COUNT = 2  # training occurrences a word needs to get its own embedding
-HUB_NAME = "eriktks/conll2000"  # columns tokens, chunk_tags (class indices)
 
 Sentence = tuple[list[str], list[str]]  # words, tags
 
@@ -78,24 +76,17 @@ def parse_conll(lines: list[str], where: str) -> list[Sentence]:
     return sentences
 
 
-def _read_conll2000(root: Path) -> dict[str, list[Sentence]]:
+def _read_conll2000(data_dir: str | Path | None) -> dict[str, list[Sentence]]:
     from datasets import load_dataset
 
-    paths = {split: root / "conll2000" / f"{split}.txt" for split in ("train", "test")}
-    if all(path.is_file() for path in paths.values()):
+    paths = locate("conll2000", CONLL2000, data_dir)
+    if paths is None:
+        sentences = _read_conll2000_hub()
+    else:
         for split, path in paths.items():
             check_text_file(path, split)
         dataset = load_dataset("text", data_files={s: str(p) for s, p in paths.items()})
         sentences = {split: parse_conll(dataset[split]["text"], str(path)) for split, path in paths.items()}
-    else:
-        try:
-            sentences = _read_conll2000_hub()
-        except Exception:  # any Hub failure (no network, no such dataset) ends in the same user message
-            missing = [str(path) for path in paths.values() if not path.is_file()]
-            raise BenchError(f"corpus 'conll2000' not found: {' and '.join(missing)} missing; put "
-                             f"conll2000/train.txt and conll2000/test.txt under "
-                             f"{root} (--data-dir or $BENCH_DATA_DIR); the Hugging Face Hub ({HUB_NAME}) could not "
-                             f"be reached either") from None
     train = sentences["train"]
     held_out = np.random.default_rng(VALID_SEED).permutation(len(train))[:round(VALID_FRACTION * len(train))]
     is_valid = np.zeros(len(train), dtype=bool)
@@ -107,7 +98,12 @@ def _read_conll2000(root: Path) -> dict[str, list[Sentence]]:
 def _read_conll2000_hub() -> dict[str, list[Sentence]]:
     from datasets import load_dataset
 
-    dataset = load_dataset(HUB_NAME)
+    try:
+        dataset = load_dataset(CONLL2000.hub_name)
+    except Exception as error:  # whatever the Hub answered (no such dataset, a dropped connection)
+        raise BenchError(f"corpus 'conll2000': reading {CONLL2000.hub_name} from the Hugging Face Hub failed "
+                         f"({type(error).__name__}); put {', '.join(CONLL2000.files.values())} under the data "
+                         "folder instead") from None
     names = dataset["train"].features["chunk_tags"].feature.names
     return {split: [(row["tokens"], [names[t] for t in row["chunk_tags"]]) for row in dataset[split]]
             for split in ("train", "test")}
@@ -143,11 +139,9 @@ def _read_synthetic(seed: int) -> dict[str, list[Sentence]]:
 
 def load_tagged_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) -> TaggedCorpus:
     """The tagging corpus `name` as id arrays. `seed` only matters for `synthetic`."""
-    from bench.data import resolve_data_dir
-
     if name not in TAGGING_CORPORA:
         raise BenchError(f"unknown tagging corpus {name!r}: choose one of {', '.join(TAGGING_CORPORA)}")
-    sentences = _read_synthetic(seed) if name == "synthetic" else _read_conll2000(resolve_data_dir(data_dir))
+    sentences = _read_synthetic(seed) if name == "synthetic" else _read_conll2000(data_dir)
     if not sentences["train"]:
         raise BenchError(f"corpus {name!r}: the training split has no sentences")
     train_words = np.concatenate([np.array(words, dtype=object) for words, _ in sentences["train"]])

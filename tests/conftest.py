@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-# The corpora live beside the project (../shared/data); CI and the README point BENCH_DATA_DIR there.
-os.environ.setdefault("BENCH_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+# The corpora: $BENCH_DATA_DIR, else the suite's default, shared/data beside the checkout (bench.corpora).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing corpus fails at once instead of retrying the Hub
 os.environ.setdefault("WANDB_MODE", "offline")
 # One intra-op thread: tests measure no speed, and with torch's default two threads a test on a busy 2-core

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_lines
 
 from bench.data import EOS, StreamChunks, build_vocabulary, encode, load_corpus, tokenize
 from bench.errors import BenchError
@@ -46,8 +47,12 @@ def test_file_corpus_counts_tokens_with_an_eos_per_line(tiny_ptb):
 
 
 def test_missing_or_empty_corpus_is_a_user_error(tiny_ptb, tmp_path):
-    with pytest.raises(BenchError, match="put ptb/ptb.train.txt, ptb/ptb.valid.txt, ptb/ptb.test.txt under"):
+    with pytest.raises(BenchError, match="ptb/ptb.train.txt, ptb/ptb.valid.txt, ptb/ptb.test.txt missing under"):
         load_corpus("ptb", tmp_path / "nowhere")
+    (tiny_ptb / "ptb" / "ptb.valid.txt").unlink()
+    with pytest.raises(BenchError, match=r"^corpus 'ptb' not found: ptb/ptb.valid.txt missing under"):
+        load_corpus("ptb", tiny_ptb)  # the missing split's file, alone
+    write_lines(tiny_ptb / "ptb" / "ptb.valid.txt", ["a cat"])
     (tiny_ptb / "ptb" / "ptb.test.txt").write_text("")
     with pytest.raises(BenchError, match="test file is empty"):
         load_corpus("ptb", tiny_ptb)

@@ -8,8 +8,8 @@ from bench.config import make_config
 from bench.errors import BenchError
 from bench.harness import PROC_CLEAR_REFS, peak_memory_mb, run_experiment
 from bench.interpolation import mixture_perplexity, tune_interpolation
-from bench.models import REGISTRY
 from bench.models.kneser_ney import KneserNey
+from bench.models.plugins import model_names, model_spec
 from bench.redact import redact
 from bench.store import open_storage, save_record
 
@@ -55,7 +55,7 @@ def test_kn_module_scores_like_the_estimator(tiny_ptb):
     assert record["test_ppl"] == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("model", [name for name, spec in REGISTRY.items() if spec.task == "lm"])
+@pytest.mark.parametrize("model", [name for name in model_names() if model_spec(name).task == "lm"])
 def test_short_training_on_synthetic_beats_unigram(model):
     config = make_config(model, {"max_epochs": 1, "max_minutes": 2.0}, quick=True)
     record = run_experiment(config, progress=False)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.corpora import resolve_data_dir
 from bench.errors import BenchError
 from bench.models.kneser_ney import KneserNey
 
@@ -169,7 +168,7 @@ def test_errors():
 
 # ---------------------------------------------------------------------------- PTB vs KenLM
 def _ptb():
-    root = Path(os.environ.get("BENCH_DATA_DIR", "/work/shared/data")) / "ptb"
+    root = resolve_data_dir() / "ptb"
     files = {s: root / f"ptb.{s}.txt" for s in ("train", "valid", "test")}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:

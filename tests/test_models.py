@@ -7,14 +7,17 @@ from bench.config import make_config, model_arguments
 from bench.data import Corpus, LanguageModelData, Vocabulary, load_corpus
 from bench.models import REGISTRY, base
 from bench.models.elman import ElmanLM
+from bench.models.plugins import model_names, model_spec
 
+# every language model, the built-in ones and the installed plugins (the suite's own transformer)
+LANGUAGE_MODELS = [name for name in model_names() if model_spec(name).task == "lm"]
 VOCAB = Vocabulary(words=["<eos>", *"abcdefg"], counts=np.array([50, 30, 20, 10, 5, 3, 2, 1]))
 
 
 def build(name: str, **overrides):
-    sizes = {"hidden_size": 16} if REGISTRY[name].neural else {}
+    sizes = {"hidden_size": 16} if model_spec(name).neural else {}
     config = make_config(name, {**sizes, **overrides})
-    return REGISTRY[name].module(VOCAB, **model_arguments(config))
+    return model_spec(name).module(VOCAB, **model_arguments(config))
 
 
 @pytest.mark.parametrize("backprop,bptt,reaches", [("bp", 5, False), ("bptt", 3, True), ("bptt", 5, True)])
@@ -88,7 +91,7 @@ def test_elman_scoring_recurrence_equals_the_training_loop(backprop, activation)
     assert torch.equal(scored[:, -1], scored_last)
 
 
-@pytest.mark.parametrize("name", [name for name, spec in REGISTRY.items() if spec.task == "lm"])
+@pytest.mark.parametrize("name", LANGUAGE_MODELS)
 def test_chunked_scoring_with_carried_state_equals_scoring_the_whole_stream(name):
     torch.manual_seed(0)
     model = build(name).eval()
@@ -131,7 +134,7 @@ def score_in_streams(model, streams: int) -> float:
     return trainer.test(model, data, verbose=False)[0]["test_ppl"]
 
 
-@pytest.mark.parametrize("name", [name for name, spec in REGISTRY.items() if spec.task == "lm"])
+@pytest.mark.parametrize("name", LANGUAGE_MODELS)
 def test_scoring_in_parallel_streams_equals_one_stream(name, monkeypatch):
     torch.manual_seed(0)
     model = build(name, **({"layers": 2} if name in ("gru", "lstm") else {}))
@@ -162,8 +165,8 @@ def test_test_perplexity_is_exp_mean_nll_of_every_token(tiny_ptb):
     assert result[0]["test_ppl"] == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", model_names())
 def test_each_module_logs_the_metric_its_task_is_selected_on(name):
-    spec = REGISTRY[name]
+    spec = model_spec(name)
     assert spec.module.MONITOR == spec.monitor and spec.metric.endswith(spec.monitor.removeprefix("val_"))
     assert spec.module.MODE == {"minimize": "min", "maximize": "max"}[spec.direction]

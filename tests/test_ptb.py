@@ -1,20 +1,19 @@
 """Real-corpus runs through the whole harness (slow: `pytest -m slow`)."""
 
-import os
-from pathlib import Path
 
 import optuna
 import pytest
 
 from bench.cli import main
+from bench.corpora import resolve_data_dir
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def ptb_storage(tmp_path):
-    if not (Path(os.environ["BENCH_DATA_DIR"]) / "ptb" / "ptb.train.txt").is_file():
-        pytest.skip("PTB files not found under $BENCH_DATA_DIR")
+    if not (resolve_data_dir() / "ptb" / "ptb.train.txt").is_file():
+        pytest.skip(f"PTB files not found under {resolve_data_dir()}")
     return f"sqlite:///{tmp_path}/bench.db"
 
 

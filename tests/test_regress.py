@@ -5,6 +5,7 @@ import pytest
 
 from bench.cli import main
 from bench.errors import BenchError
+from bench.measuring import machine_speed
 from bench.regress import (
     LOOSE,
     SPEED_FIGURE,
@@ -13,7 +14,6 @@ from bench.regress import (
     TIGHT,
     compare,
     load_baseline,
-    machine_speed,
 )
 
 META = {"versions": {"torch": "2.13.0+cpu"}, "machine": {"cpu": "EPYC", "cpu_capability": "AVX512"}, "repeats": 3}

@@ -94,9 +94,10 @@ def test_taggers_of_another_depth_cell_or_direction_are_other_configurations(tmp
 def test_table2_lines_up_with_the_paper(storage_url):
     table = table2(best_per_configuration(load_runs(storage_url))).set_index("model")
     assert list(table.index) == ["KN5", "feed-forward", "RNN-BP", "RNN-BPTT", "GRU", "LSTM"]
-    assert list(table.columns) == ["ptb epochs", "ptb stopped by", "ptb seeds", "ptb NN", "ptb paper NN",
-                                   "ptb diff NN", "ptb NN+KN", "ptb paper NN+KN", "ptb diff NN+KN", "synthetic epochs",
-                                   "synthetic stopped by", "synthetic seeds", "synthetic NN", "synthetic NN+KN"]
+    assert list(table.columns) == ["ptb output", "ptb epochs", "ptb stopped by", "ptb seeds", "ptb NN", "ptb paper NN",
+                                   "ptb diff NN", "ptb NN+KN", "ptb paper NN+KN", "ptb diff NN+KN", "synthetic output",
+                                   "synthetic epochs", "synthetic stopped by", "synthetic seeds", "synthetic NN",
+                                   "synthetic NN+KN"]
     bptt = table.loc["RNN-BPTT"]
     assert (bptt["ptb NN"], bptt["ptb paper NN"], bptt["ptb diff NN"]) == (130, 123, 7)
     assert (bptt["ptb NN+KN"], bptt["ptb paper NN+KN"], bptt["ptb diff NN+KN"]) == (110, 106, 4)
@@ -173,7 +174,7 @@ def test_report_files(storage_url, tmp_path, capsys):
     assert board["oracle ppl"].isna().tolist() == [True, True, False, False, False]
     assert pd.read_csv(out / "taggers.csv", comment="#")["test F1"].tolist() == [0.90]
     readme = (out / "README.md").read_text()
-    assert "| RNN-BPTT | — | its schedule | 1 | 130.00 | 123.00 | +7.00 | 110.00 | 106.00 | +4.00 |" in readme
+    assert "| RNN-BPTT | full | — | its schedule | 1 | 130.00 | 123.00 | +7.00 | 110.00 | 106.00 | +4.00 |" in readme
     assert "runs: 1 runs" not in readme and "commit abcdef1234" in readme and "![" in readme
     first_lines = (out / "table3.csv").read_text().splitlines()[:3]
     assert first_lines[1].startswith("# runs: 2 runs · commit abcdef1234 (2) · device cpu (2) · torch 2.13.0")

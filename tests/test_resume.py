@@ -40,7 +40,7 @@ class Crash(pl.Callback):
 
 
 @pytest.mark.parametrize("model, settings", [
-    ("rnn-bptt", {"schedule": "rnnlm", "lr": 30.0}),
+    ("rnn-bptt", {"schedule": "rnnlm", "lr": 30.0, "bptt_context": 0}),  # a worse epoch 2 to undo (below)
     ("lstm", {"dropout": 0.3, "decay_after": 2}),  # dropout: the random generators must resume too
 ])
 def test_a_resumed_run_ends_with_the_record_of_an_uninterrupted_one(tiny_ptb, model, settings):

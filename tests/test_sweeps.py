@@ -19,11 +19,11 @@ from optuna.trial import TrialState
 
 from bench.cli import main
 from bench.errors import BenchError
-from bench.models import REGISTRY
+from bench.models.plugins import model_spec
 from bench.reports import load_runs
-from bench.store import SUMMARY_KEYS, open_storage
+from bench.store import SUMMARY_KEYS, open_storage, save_record
 from bench.sweep_spec import load_spec
-from bench.sweeps import Objective, places_taken, run_sweep
+from bench.sweeps import Objective, describe, places_taken, run_sweep
 from bench.tracking import wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ pruner: {type: median, n_startup_trials: 1}
 @pytest.mark.parametrize("text,message", [
     (TINY + "serach: {lr: [1.0]}\n", "line 6, serach: unknown key"),
     (TINY + "search:\n  lr: {type: log-float, low: 0, high: 1}\n", "line 7, search.lr: bad range"),
-    (TINY.replace("rnn-bptt", "transformer") + "search: {lr: [1.0]}\n", "line 2, model: unknown model 'transformer'"),
+    (TINY.replace("rnn-bptt", "transfomer") + "search: {lr: [1.0]}\n", "line 2, model: unknown model 'transfomer'"),
     (TINY + "search: {lr: [1.0}\n", "line 6: not valid YAML"),
     (TINY.replace("hidden_size", "hiden_size") + "search: {lr: [1.0]}\n",
      "line 4, fixed.hiden_size: unknown hyper-parameter 'hiden_size' for rnn-bptt"),
@@ -324,7 +324,7 @@ def test_every_shipped_spec_is_valid_and_runs_a_tiny_trial(tmp_path, path, monke
         cached_corpus(spec.corpus, None)
     except BenchError as error:
         pytest.skip(f"spec valid; no trial: {error}")
-    counting = spec.model is not None and not REGISTRY[spec.model].neural  # Kneser-Ney: no epochs to cut short
+    counting = spec.model is not None and not model_spec(spec.model).neural  # Kneser-Ney: no epochs to cut short
     tiny = spec if counting else dataclasses.replace(spec, budget={"max_epochs": 1, "max_minutes": 0.01},
                                                      fixed={**spec.fixed, "eval_batch_size": 64})
     table = run_sweep(tiny, trials=1, storage_url=f"sqlite:///{tmp_path}/r.db", progress=False)
@@ -355,3 +355,26 @@ def test_threads_follow_omp_num_threads_else_the_idle_cores(monkeypatch):
     monkeypatch.setattr(threads, "idle_cores", lambda: 1.8)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     assert threads.compute_threads() == 2 and threads.compute_threads(workers=2) == 1
+
+
+def test_a_budget_whose_minutes_cut_its_epochs_is_reported_with_both_numbers(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/results.db"
+    earlier = {"model": "rnn-bptt", "corpus": "synthetic", "valid_ppl": 50.0, "minutes_per_epoch": 0.5}
+    for minutes in (0.4, 0.5, 0.9):  # stored runs of the model on the corpus, in another study: median 0.5
+        save_record({**earlier, "minutes_per_epoch": minutes}, open_storage(storage), "earlier")
+    spec = write_spec(tmp_path, TINY.replace("epochs: 1, minutes: 0.01", "epochs: 3, minutes: 0.01")
+                      + "search: {lr: [1.0]}\ntrials: 1\n")
+    assert main(["sweep", str(spec), "--storage", storage, "--no-wandb", "--no-progress",
+                 "--run-dir", str(tmp_path / "runs")]) == 0
+    assert (f"warning: {spec}: budget epochs 3 take about 1.5 minutes here (0.5 an epoch, the median of 3 stored "
+            "runs of rnn-bptt on synthetic), but minutes 0.01 stop each trial at about epoch 0.02"
+            in capsys.readouterr().out)
+
+
+def test_a_trial_cut_by_its_minutes_says_so():
+    cut = optuna.trial.create_trial(state=TrialState.COMPLETE, value=80.0,
+                                    user_attrs={"record": {"stopped_by": "max_minutes", "epochs": 0.27}})
+    finished = optuna.trial.create_trial(state=TrialState.COMPLETE, value=80.0,
+                                         user_attrs={"record": {"stopped_by": "schedule", "epochs": 2}})
+    assert describe(cut, "valid_ppl") == "valid_ppl 80.00, cut by the minutes budget at epoch 0.27"
+    assert describe(finished, "valid_ppl") == "valid_ppl 80.00"

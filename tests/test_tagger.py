@@ -1,5 +1,3 @@
-import os
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -8,8 +6,10 @@ import torch
 
 from bench.cli import main
 from bench.config import make_config
+from bench.corpora import resolve_data_dir
 from bench.harness import run_experiment
-from bench.models.birnn import BiRNNTagger, span_scores
+from bench.models.base import span_scores
+from bench.models.birnn import BiRNNTagger
 from bench.synthetic import SyntheticLanguage
 from bench.tagging import load_tagged_corpus, noun_phrase_tags, pad_batch
 
@@ -66,8 +66,8 @@ def test_a_left_to_right_tagger_scores_clearly_below_the_bidirectional_one():
 
 
 def test_conll2000_splits_and_counts():
-    if not (Path(os.environ["BENCH_DATA_DIR"]) / "conll2000" / "train.txt").is_file():
-        pytest.skip("CoNLL-2000 not found under $BENCH_DATA_DIR")
+    if not (resolve_data_dir() / "conll2000" / "train.txt").is_file():
+        pytest.skip(f"CoNLL-2000 not found under {resolve_data_dir()}")
     corpus = load_tagged_corpus("conll2000")
     # counts from the corpus README: 8,936 train sentences (a tenth held out for validation), 2,012 test, 47,377
     # test tokens; 23 chunk labels over both files

@@ -1,32 +1,49 @@
-"""What every language model of the registry shares: the carried state, the loss, the perplexity.
+"""The interface of every model the suite trains, built-in or plugin (bench.models.plugins), and what the
+suite does for it.
 
-A model reads batches of B parallel streams, `bptt` steps at a time (see bench.data), and keeps the state
-it carries across consecutive chunks -- hidden vectors for recurrent models, the last words for the
-feed-forward and n-gram models -- detached at every chunk boundary (truncated BPTT; Lightning 2 has no
-built-in truncated BPTT). Subclasses define
+A language model subclasses LanguageModel. Its __init__(vocab, <hyper-parameters with typed defaults>,
+**options) calls LanguageModel.__init__(vocab, H, **options) with H the width of its hidden vectors, and it
+implements
 
-    init_state(batch_size)          the state at the start of a stream
-    forward(inputs, state)          -> hidden (B, T, H), next state
+    init_state(batch_size)       the state at the start of a stream: a tensor, or a tuple of tensors, with the
+                                 streams along dimension STATE_BATCH_DIM (0 unless the class says otherwise)
+    forward(inputs, state)       inputs (B, T) word ids -> hidden (B, T, H), the state after the chunk
+    hidden_flops_per_token()     optional: FLOPs of one token up to the hidden vector (records GFLOP/s)
 
-and the output layer (bench.models.output_layers) turns hidden vectors into -log p(target). Perplexity is
-exp of the mean per-token cross-entropy over every token, <eos> included, summed in float64.
+The suite guarantees it: batches of B parallel streams of the corpus, T = `bptt` steps at a time, in
+order, each stream continuing where its previous chunk ended (bench.data); the state it returned for the
+previous chunk, detached (the gradient stops at the chunk boundary -- truncated BPTT; Lightning 2 has no
+built-in truncated BPTT); and everything after the hidden vectors: the output layer (`output` full, class
+or adaptive; bench.models.output_layers) turning them into -log p(target), the loss (per-token mean),
+the optimizer (`optimizer`, `lr`, `l2`), gradient clipping, the schedule, checkpoints and resume, the
+exact perplexity, NN+KN interpolation and the record. Perplexity is exp of the mean per-token
+cross-entropy over every token, <eos> included, summed in float64.
 
 Scoring in B parallel streams is exact: it gives the scores of one stream read from the start (to float
 rounding), B times fewer sequential steps later. Stream b > 0 starts mid-text from an empty state, so its
 first chunks are scored again from the state stream b-1 ended in, chunk after chunk, until the state
 agrees with the parallel run's (models forget their start: an n-gram after n-1 words, a trained recurrent
-network within tens of words); from there on the parallel scores are the one-stream scores.
+network within tens of words); from there on the parallel scores are the one-stream scores. A model whose
+state never agrees is scored whole, one stream after the other: exact, only slower.
 
     stream 0   |=================|                 exact from the start
     stream 1                     |xx===============|  xx: re-scored from stream 0's last state
     stream 2                                       |x=================|
+
+A tagger subclasses Tagger: __init__(vocab_size, tags, <hyper-parameters>, **options) calls
+Tagger.__init__(vocab_size, tags, **options) and forward(words (B, T), lengths (B,)) returns tag logits
+(B, T, len(tags)) of padded sentences; the suite does the loss, padding excluded, and the chunk F1.
 """
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from seqeval.metrics import f1_score, precision_score, recall_score
+from torch.nn import functional as F
 
 from bench.data import Vocabulary
 from bench.errors import BenchError
@@ -34,6 +51,7 @@ from bench.models.output_layers import build_output_layer
 from bench.schedules import lr_scheduler
 
 STAGES = ("train", "val", "test")
+LOG_FLOAT_MAX = math.log(np.finfo(np.float64).max)
 STATE_TOLERANCE = 1e-5  # states this close (max abs difference) count as the same when joining streams
 
 
@@ -110,7 +128,7 @@ class ScoredModel(pl.LightningModule):
 
 
 class LanguageModel(ScoredModel):
-    """Training and evaluation loop of every left-to-right language model."""
+    """Training and evaluation loop of every left-to-right language model (the interface: module docstring)."""
 
     STATE_BATCH_DIM = 0  # the dimension of the state that holds the streams
 
@@ -200,7 +218,8 @@ class LanguageModel(ScoredModel):
             self._sums[stage] = [float(nll[mask].double().sum()), int(mask.sum())]
         total, count = self._sums[stage]
         if count:
-            perplexity = float(np.exp(total / count))
+            # a diverged run's cross-entropy overflows exp: its perplexity is inf, without numpy's warning
+            perplexity = math.exp(total / count) if total / count < LOG_FLOAT_MAX else math.inf
             self.perplexities[stage].append(perplexity)
             self.log(f"{stage}_ppl", perplexity, prog_bar=stage != "test")
 
@@ -240,6 +259,88 @@ class LanguageModel(ScoredModel):
         return {"train_ppl": self.perplexities["train"][-1] if self.perplexities["train"] else None,
                 "valid_ppl": min(self.perplexities["val"]), "test_ppl": self.perplexities["test"][-1],
                 "valid_ppl_per_epoch": self.perplexities["val"][:epochs]}
+
+
+def span_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    """Chunk precision, recall, F1 (conlleval's spans, micro-averaged; seqeval) and token accuracy."""
+    pairs = [(g, p) for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps)]
+    return {"precision": float(precision_score(gold, predicted)), "recall": float(recall_score(gold, predicted)),
+            "f1": float(f1_score(gold, predicted)), "accuracy": sum(g == p for g, p in pairs) / len(pairs)}
+
+
+class Tagger(ScoredModel):
+    """Training and evaluation loop of every sequence tagger (the interface: module docstring): the
+    per-token cross-entropy loss, padding excluded, and span-level precision, recall and F1 of the chunks as
+    conlleval counts them (seqeval, micro-averaged over chunk types), and token accuracy."""
+
+    MONITOR, MODE = "val_f1", "max"  # the validation metric that early stopping, checkpoints and sweeps watch
+
+    def __init__(self, vocab_size: int, tags: list[str], *, optimizer: str = "adam", lr: float = 1e-3,
+                 l2: float = 0.0, schedule: str = "plateau", decay: float = 1.0, decay_after: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tags = list(tags)
+        self._sequences: dict[str, tuple[list, list]] = {}
+        self._train_loss = [0.0, 0]
+        # Every scoring pass, per stage: precision, recall, f1, accuracy
+        self.scores: dict[str, list[dict]] = {stage: [] for stage in STAGES}
+
+    def token_nll(self, words: torch.Tensor, tags: torch.Tensor, lengths: torch.Tensor):
+        """-log p(tag) of every token (B, T), 0 at padding, the padding mask, and the logits."""
+        logits = self(words, lengths)
+        mask = torch.arange(words.shape[1], device=words.device) < lengths.unsqueeze(1)
+        nll = F.cross_entropy(logits.transpose(1, 2), tags, reduction="none").masked_fill(~mask, 0.0)
+        return nll, mask, logits
+
+    def training_step(self, batch, batch_idx):
+        nll, mask, _ = self.token_nll(*batch)
+        loss = nll.sum() / mask.sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at batch {batch_idx}")
+        self._train_loss[0] += nll.detach().double().sum().item()
+        self._train_loss[1] += int(mask.sum())
+        return loss
+
+    def _score_batch(self, stage: str, batch) -> None:
+        words, tags, lengths = batch
+        predicted = self(words, lengths).argmax(-1)
+        gold_sequences, predicted_sequences = self._sequences[stage]
+        for gold, guess, length in zip(tags.tolist(), predicted.tolist(), lengths.tolist()):
+            gold_sequences.append([self.tags[t] for t in gold[:length]])
+            predicted_sequences.append([self.tags[t] for t in guess[:length]])
+
+    def validation_step(self, batch, batch_idx):
+        self._score_batch("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._score_batch("test", batch)
+
+    def _start(self, stage: str) -> None:
+        self._sequences[stage] = ([], [])
+
+    def _end(self, stage: str) -> None:
+        gold, predicted = self._sequences[stage]
+        if not gold:
+            return
+        scores = span_scores(gold, predicted)
+        self.scores[stage].append(scores)
+        self.log(f"{stage}_f1", scores["f1"], prog_bar=stage == "val")
+
+    def on_train_epoch_start(self):
+        self._train_loss = [0.0, 0]
+
+    def on_train_epoch_end(self):
+        total, count = self._train_loss
+        if count:
+            self.log("train_loss", total / count, prog_bar=True)
+
+    def results(self, epochs: int) -> dict:
+        """The record's figures: F1 (valid: the best epoch, whose weights were tested), precision, recall,
+        token accuracy, and the validation F1 of each of the `epochs` training epochs."""
+        test = self.scores["test"][-1]
+        return {"valid_f1": max(s["f1"] for s in self.scores["val"]), "test_f1": test["f1"],
+                "test_precision": test["precision"], "test_recall": test["recall"],
+                "test_accuracy": test["accuracy"], "valid_f1_per_epoch": [s["f1"] for s in self.scores["val"][:epochs]]}
 
 
 def make_optimizer(module: pl.LightningModule, name: str, lr: float, l2: float = 0.0) -> torch.optim.Optimizer:
