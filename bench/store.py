@@ -102,6 +102,14 @@ def is_json(line: bytes) -> bool:
     return True
 
 
+def requeue_stale_trials() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Optuna's callback that requeues a failed stale trial with its parameters. Experimental in Optuna's
+    terms (since 2.8, unchanged since); the warning saying so is not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback()
+
+
 def open_storage(url: str | None = None, heartbeat: bool = False, create: bool = True):
     """An Optuna storage from a URL: RDB URLs as they are; `journal:PATH` for Optuna's journal file.
 

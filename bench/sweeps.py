@@ -252,7 +252,7 @@ def requeue_interrupted(trial: optuna.Trial) -> None:
     fail_reason); its copy does."""
     storage = trial.study._storage
     if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-        optuna.storages.RetryHeartbeatStaleTrialCallback()(trial.study, storage.get_trial(trial._trial_id))
+        requeue_stale_trials()(trial.study, storage.get_trial(trial._trial_id))
 
 
 def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:

@@ -378,5 +378,5 @@ def test_every_malformed_input_exits_2_with_one_line_naming_it(tmp_path, capsys,
 def test_a_missing_split_is_named(tmp_path):
     ptb_with(tmp_path, "test", PTB_LINES)
     (tmp_path / "data" / "ptb" / "ptb.test.txt").unlink()
-    with pytest.raises(BenchError, match=r"ptb\.test\.txt is missing"):
+    with pytest.raises(BenchError, match=r"ptb/ptb\.test\.txt missing"):
         load_corpus("ptb", tmp_path / "data")
