@@ -50,14 +50,6 @@ class TornTailJournal(JournalFileBackend):
                 os.fsync(handle.fileno())
 
 
-def requeue_stale_trials() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
-    """Optuna's callback that requeues a failed stale trial with its parameters. Experimental in Optuna's
-    terms (since 2.8, unchanged since); the warning saying so is not the user's business."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback()
-
-
 def cut_torn_tail(path: Path, block: int = 1 << 16) -> None:
     """Truncate `path` after its last newline when it does not end with one, warning with the line number."""
     with open(path, "r+b") as handle:
