@@ -596,8 +596,8 @@ def log_to_wandb(tables: dict[str, pd.DataFrame], figures: dict[str, Path], stud
 def make_report(storage_url: str | None, studies: list[str] | None, out: Path, project: str | None = None,
                 use_wandb: bool = True) -> dict[str, pd.DataFrame]:
     """`bench report`: read the studies, keep the best run per configuration, write `out`, log to W&B."""
+    best = best_per_configuration(load_runs(storage_url, studies))  # a bad storage or study: nothing written
     check_writable(out)
-    best = best_per_configuration(load_runs(storage_url, studies))
     try:
         tables, figures = write_report(best, out)
     except OSError as error:  # the disk filled, or the folder was taken away meanwhile

@@ -229,7 +229,8 @@ def test_a_signal_during_a_sweep_requeues_its_trial_and_the_next_command_resumes
     storage = f"sqlite:///{tmp_path}/r.db"
     process = bench_process("sweep", str(spec), "--storage", storage, "--no-progress", "--run-dir",
                             str(tmp_path / "runs"), cwd=tmp_path)
-    wait_for_line(process, "epoch 1:")
+    # epoch 2's line: epoch 1's checkpoint is on disk (its own line prints before the checkpoint callbacks run)
+    wait_for_line(process, "epoch 2:")
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143 and err.strip().splitlines()[-1] == "bench: interrupted"
