@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
+from bench.report_plots import pareto_front
 from bench.reports import (
     best_per_configuration,
     build_wandb_report,
     load_runs,
     make_report,
-    pareto_front,
     table2,
     table3,
 )
