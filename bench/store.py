@@ -162,9 +162,10 @@ def check_sqlite(path: Path, create: bool) -> None:
             connection.close()
     except sqlite3.DatabaseError as error:
         verdict = str(error)
-    if verdict != "ok":
-        raise BenchError(f"{path}: the SQLite database is damaged ({verdict.splitlines()[0]}); restore it from "
-                         "a copy or give another --storage")
+    if verdict != "ok":  # SQLite's report starts with a "*** in database main ***" header line
+        problem = next((line for line in verdict.splitlines() if not line.startswith("***")), verdict)
+        raise BenchError(f"{path}: the SQLite database is damaged ({problem}); restore it from a copy or give "
+                         "another --storage")
 
 
 def save_record(record: dict, storage, study_name: str, metric: str = "valid_ppl") -> optuna.trial.FrozenTrial:
