@@ -62,6 +62,7 @@ def plot_speed(board: pd.DataFrame, path: Path) -> Path | None:
             label = run["model"] + (f" c{run['classes']}" if run.get("output") == "class" else "")
             ax.annotate(label, (run[SPEED], run[PERPLEXITY]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set(xscale="log", xlabel="training tokens/s", ylabel="test perplexity", title=corpus)
+        ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     figure.savefig(path, dpi=110)
     return path

@@ -223,6 +223,7 @@ def test_empty_or_missing_study_exits_2_with_one_line(storage_url, tmp_path, cap
 def test_wandb_offline_logs_the_tables_and_defers_the_report(storage_url, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # whatever an earlier test of the session left there
     assert main(["report", "--storage", storage_url, "--out", "out", "--study", "train-rnn-bptt-ptb"]) == 0
     printed = capsys.readouterr().out
     assert "the W&B Report will be created on the next online `bench report`" in printed
