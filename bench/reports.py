@@ -320,14 +320,14 @@ def log_to_wandb(tables: dict[str, pd.DataFrame], figures: dict[str, Path], stud
     mode = wandb_mode()
     if mode == "disabled":
         return
-    settings = wandb_settings()
+    # dir read per run, as the sweeps do: wandb's settings singleton keeps the first process-wide one
+    init = dict(project=project, job_type="report", settings=wandb_settings(), config={"studies": studies},
+                dir=os.environ.get("WANDB_DIR"))
     try:
-        run = wandb.init(project=project, job_type="report", mode=mode, settings=settings,
-                         config={"studies": studies})
+        run = wandb.init(mode=mode, **init)
     except Exception as error:  # online but unreachable: keep the run locally for `wandb sync`
         print(f"W&B unreachable ({str(error).splitlines()[0]}); logging offline instead")
-        mode, run = "offline", wandb.init(project=project, job_type="report", mode="offline", settings=settings,
-                                          config={"studies": studies})
+        mode, run = "offline", wandb.init(mode="offline", **init)
     with run:
         run.log({name: _wandb_table(table) for name, table in tables.items()})
         board = tables.get("leaderboard")
