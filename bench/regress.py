@@ -8,10 +8,11 @@ PTB, a short PTB slice for a few models), with fixed small budgets. Two kinds of
   cpu capability) match the baseline's, else LOOSE (other kernels round differently and training amplifies
   it). Only a change for the worse beyond the tolerance is a regression.
 - speed: training tokens per CPU second (the harness's timed training steps, timed again in CPU time by
-  StepClock) divided by a calibration of the machine measured around it in the same process (see
-  calibrate), median of `repeats` repetitions. A slower machine lowers both, so the ratio moves far less
-  than raw tokens/s; a ratio more than SPEED_THRESHOLD below the baseline's (SPEED_THRESHOLD_OTHER_CPU when
-  the CPU model differs, as a ratio shifts between microarchitectures) is a regression -- once
+  bench.measuring.StepClock) divided by a calibration of the machine measured around it in the same process
+  (bench.measuring.calibrate), median of `repeats` repetitions. A slower machine lowers both, so the ratio
+  moves far less than raw tokens/s; a ratio more than SPEED_THRESHOLD below the baseline's
+  (SPEED_THRESHOLD_OTHER_CPU when the CPU model differs, as a ratio shifts between microarchitectures) is a
+  regression -- once
   confirmed: a run whose ratio falls that far is measured `repeats` times more (a disturbance of the
   machine passes, a slowdown of the code stays) and judged on the median of all its repetitions.
 
