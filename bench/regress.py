@@ -12,9 +12,9 @@ PTB, a short PTB slice for a few models), with fixed small budgets. Two kinds of
   (bench.measuring.calibrate), median of `repeats` repetitions. A slower machine lowers both, so the ratio
   moves far less than raw tokens/s; a ratio more than SPEED_THRESHOLD below the baseline's
   (SPEED_THRESHOLD_OTHER_CPU when the CPU model differs, as a ratio shifts between microarchitectures) is a
-  regression -- once
-  confirmed: a run whose ratio falls that far is measured `repeats` times more (a disturbance of the
-  machine passes, a slowdown of the code stays) and judged on the median of all its repetitions.
+  regression -- once confirmed: a run whose ratio falls that far is measured `repeats` times more (a
+  disturbance of the machine passes, a slowdown of the code stays) and judged on the median of all its
+  repetitions.
 
 Everything is measured in a subprocess (`python -m bench.measuring PLAN RESULT`) started with glibc's malloc
 thresholds raised and one torch thread (see MEASURING_ENV). The baseline is the measurements JSON of a run
