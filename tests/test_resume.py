@@ -17,7 +17,7 @@ import torch
 
 from bench.config import make_config
 from bench.errors import BenchError
-from bench.harness import run_experiment
+from bench.harness import DurableCheckpointIO, build_trainer, run_experiment
 from bench.schedules import RnnlmSchedule, lr_scheduler
 
 TINY = {"corpus": "ptb", "max_epochs": 4, "hidden_size": 8}
@@ -71,6 +71,17 @@ def test_a_resumed_run_ends_with_the_record_of_an_uninterrupted_one(tiny_ptb, mo
     assert times == sorted(times)  # the clock goes on from the checkpoint, never back
     assert sorted(os.listdir(tiny_ptb / "cut")) == ["best.ckpt", "config.json", "record.json"]  # keep=best
     assert json.loads((tiny_ptb / "cut" / "record.json").read_text())["test_ppl"] == resumed["test_ppl"]
+
+
+def test_checkpoints_are_flushed_to_disk_before_and_after_their_rename(tmp_path, monkeypatch):
+    flushed, flush = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), flush(fd)))
+    trainer = build_trainer(make_config("rnn-bptt", TINY), [])
+    assert isinstance(trainer.strategy.checkpoint_io, DurableCheckpointIO)  # the Trainer's plugin
+    trainer.strategy.checkpoint_io.save_checkpoint({"x": torch.ones(3)}, tmp_path / "last.ckpt")
+    assert flushed == [str(tmp_path / f".last.ckpt.{os.getpid()}.tmp"), str(tmp_path)]  # the data, then the rename
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["x"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_a_checkpoint_cut_in_half_is_stepped_over_with_a_warning_and_the_run_completes(tiny_ptb, capsys):
