@@ -106,6 +106,8 @@ def build_parser() -> Parser:
                                          "postgresql+psycopg://USER:PASSWORD@HOST/DB for several machines (start "
                                          "the same command on each)")
     sweep.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine (default: 1)")
+    sweep.add_argument("--max-retry", type=int, help="times a trial whose worker died (killed, out of memory) is "
+                                                     "run again, then failed (default: the spec's max_retry, else 2)")
     sweep.add_argument("--no-wandb", action="store_true", help="log nothing to W&B (also: WANDB_MODE=disabled); "
                                                                "without a W&B login runs are kept offline")
     sweep.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else shared/data "
@@ -165,11 +167,13 @@ def command_train(args) -> int:
 
     from bench.config import make_config, parse_assignments
     from bench.corpora import require
+    from bench.records import check_writable
 
     config = make_config(args.model, {"corpus": args.corpus, **parse_assignments(args.set)})
     if args.seeds < 1:
         raise BenchError(f"--seeds must be positive, got {args.seeds}")
     require(config["corpus"], args.data_dir)
+    check_writable(Path(args.run_dir))
 
     from bench.harness import finished_record, run_folder_name
     from bench.store import open_storage
@@ -207,10 +211,12 @@ def command_run(args) -> int:
     from bench.config import TASK_CORPORA, make_config
     from bench.corpora import require
     from bench.models.plugins import model_names, model_spec
+    from bench.records import check_writable
 
     if args.seeds < 1:
         raise BenchError(f"--seeds must be positive, got {args.seeds}")
     require(args.corpus, args.data_dir)  # first: finding a plugin's task imports it, and torch with it
+    check_writable(Path(args.run_dir))
     models = args.models or [m for m in model_names() if args.corpus in TASK_CORPORA[model_spec(m).task]]
     configs = [make_config(model, {"corpus": args.corpus, "seed": seed}, quick=True)
                for model in models for seed in range(args.seeds)]
@@ -260,14 +266,16 @@ def command_report(args) -> None:
 def command_sweep(args) -> None:
     from pathlib import Path
 
+    from bench.records import check_writable
     from bench.sweep_spec import load_spec
     from bench.sweeps import run_sweep
 
     quiet_libraries()
-
-    table = run_sweep(load_spec(args.spec), args.trials, args.storage, args.n_jobs, args.data_dir,
-                      use_wandb=not args.no_wandb, progress=not args.no_progress, worker_init=quiet_libraries,
-                      run_root=Path(args.run_dir), keep=args.keep)
+    spec = load_spec(args.spec)
+    check_writable(Path(args.run_dir))  # before the study is created
+    table = run_sweep(spec, args.trials, args.storage, args.n_jobs, args.data_dir, use_wandb=not args.no_wandb,
+                      progress=not args.no_progress, worker_init=quiet_libraries, run_root=Path(args.run_dir),
+                      keep=args.keep, max_retry=args.max_retry)
     print(table.to_string(index=False, na_rep="", float_format="{:.4g}".format))
 
 

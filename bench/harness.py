@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import platform
 import random
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -25,14 +27,16 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from bench.config import model_arguments
 from bench.data import Corpus, LanguageModelData, load_corpus
+from bench.errors import one_line
 from bench.interpolation import tune_interpolation
 from bench.models.kneser_ney import KneserNey
 from bench.models.plugins import model_spec
-from bench.records import plain, write_atomically
+from bench.records import plain, read_json, remove_orphaned_temporaries, write_atomically
 from bench.schedules import schedule_callbacks
 from bench.tagging import TaggedCorpus, TaggingData, load_tagged_corpus
 
@@ -44,16 +48,19 @@ class SpeedMonitor(pl.Callback):
     The wall clock (time to target, MLPerf's rule) runs from the start of training -- the data loaded --
     through every training and validation epoch; the test pass is timed apart. Its figures go into the
     checkpoints, so a resumed run counts the epochs it trained in every process, and not the time lost
-    between its last checkpoint and the interruption.
+    between its last checkpoint and the interruption. The run's history goes with them: how often it was
+    resumed, and the damaged checkpoints it stepped over (`recovery`: this process's, see prepare_run_dir).
     """
 
-    def __init__(self, monitor: str):
+    def __init__(self, monitor: str, recovery: dict | None = None):
         self.monitor = monitor
         self.train_seconds: list[float] = []  # per completed epoch
         self.train_batches = 0
         self.train_tokens = 0
         self.curve: list[tuple[int, float, float]] = []  # (epoch, wall seconds so far, validation metric)
         self.resumed = 0
+        self.recovery = recovery
+        self.recovered_from = [recovery] if recovery else []
         self.test_seconds = 0.0
         self._wall_before = 0.0  # wall seconds of earlier processes, up to the checkpoint resumed from
         self._wall_start = self._epoch_seconds = 0.0
@@ -61,12 +68,14 @@ class SpeedMonitor(pl.Callback):
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds, "train_batches": self.train_batches,
                 "train_tokens": self.train_tokens, "curve": self.curve, "resumed": self.resumed,
-                "wall_seconds": self.wall_seconds()}
+                "recovered_from": self.recovered_from, "wall_seconds": self.wall_seconds()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds, self.train_batches = state_dict["train_seconds"], state_dict["train_batches"]
         self.train_tokens, self.curve = state_dict["train_tokens"], [tuple(p) for p in state_dict["curve"]]
         self.resumed, self._wall_before = state_dict["resumed"] + 1, state_dict["wall_seconds"]
+        # .get: checkpoints written before recoveries were recorded
+        self.recovered_from = [*state_dict.get("recovered_from", []), *([self.recovery] if self.recovery else [])]
 
     def wall_seconds(self) -> float:
         return self._wall_before + (time.perf_counter() - self._wall_start if self._wall_start else 0.0)
@@ -226,6 +235,19 @@ def matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
     return best
 
 
+class DurableCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoints (torch.save), written by bench.records.write_atomically: Lightning's own write
+    (fsspec's transaction, a temporary file moved into place) flushes nothing to disk, so a power loss soon
+    after it can leave an empty or partial last.ckpt where the previous good one was."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomically(Path(path), buffer.getbuffer())
+
+
 def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = True,
                   checkpoint_dir: str | None = None) -> pl.Trainer:
     return pl.Trainer(
@@ -234,7 +256,7 @@ def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = T
         max_time=timedelta(minutes=config["max_minutes"]),
         gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
         callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
-        enable_model_summary=False, default_root_dir=checkpoint_dir,
+        enable_model_summary=False, default_root_dir=checkpoint_dir, plugins=[DurableCheckpointIO()],
     )
 
 
@@ -246,10 +268,12 @@ def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = T
 #     config.json   the configuration the checkpoints belong to
 #     last.ckpt     after every epoch: weights, optimizer, schedule, loops, callbacks (clock, curve, RNG)
 #     best.ckpt     the best validation epoch's (what the test pass scores)
-#     record.json   the finished run's record, written last, atomically
+#     record.json   the finished run's record, written last
 #
-# A resumed run loads last.ckpt and goes on from the epoch after it; checkpoints of another configuration
-# are never resumed. A finished run keeps the checkpoints `keep` names.
+# Every file is written whole or not at all (bench.records.write_atomically). A resumed run goes on from the
+# newest of its checkpoints that loads, normally last.ckpt; one that does not (a copy of the folder cut
+# short, a disk that lost it) is named in a warning and stepped over, down to epoch 0. Checkpoints of another
+# configuration are never resumed. A finished run keeps the checkpoints `keep` names.
 # --------------------------------------------------------------------------------------------------------
 
 CHECKPOINTS = {"best": ("best.ckpt",), "last": ("last.ckpt",), "all": ("best.ckpt", "last.ckpt"), "none": ()}
@@ -261,25 +285,40 @@ def run_folder_name(config: dict) -> str:
     return f"{config['model']}-seed{config['seed']}-{digest}"
 
 
-def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> str | None:
-    """The checkpoint to resume from (None: a fresh start, the folder emptied of another run's files)."""
+def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from (None: a fresh start, the folder emptied of earlier checkpoints), and the
+    recovery made on the way, None when no checkpoint was damaged: {"damaged": the checkpoints that do not
+    load, "checkpoint": the one resumed from (None: epoch 0), "epoch": the epochs it holds}."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file, last = run_dir / "config.json", run_dir / "last.ckpt"
-    same = config_file.is_file() and json.loads(config_file.read_text()) == plain(config)
-    if resume and same and last.is_file():
-        return str(last)
+    remove_orphaned_temporaries(run_dir)
+    config_file, recovery = run_dir / "config.json", None
+    if resume and read_json(config_file) == plain(config):
+        loaded, damaged = {}, {}
+        for name in ("last.ckpt", "best.ckpt"):  # last first: it wins a tie
+            if (run_dir / name).is_file():
+                try:
+                    state = torch.load(run_dir / name, map_location="cpu", weights_only=True)
+                    loaded[name] = (state["global_step"], state["epoch"] + 1)
+                except Exception as error:  # noqa: BLE001 -- torch raises any of a dozen types on damaged bytes
+                    damaged[name] = one_line(error)
+        newest = max(loaded, key=lambda name: loaded[name][0], default=None)
+        if damaged:
+            recovery = {"damaged": list(damaged), "checkpoint": newest, "epoch": loaded[newest][1] if newest else 0}
+            print(f"bench: warning: {run_dir}: "
+                  + "; ".join(f"{name} does not load ({reason})" for name, reason in damaged.items())
+                  + (f"; going on from {newest} (epoch {recovery['epoch']})" if newest else
+                     "; starting again from epoch 0"), file=sys.stderr, flush=True)
+        if newest:
+            return str(run_dir / newest), recovery
     for name in ("last.ckpt", "best.ckpt", "record.json"):
         (run_dir / name).unlink(missing_ok=True)
     write_atomically(config_file, json.dumps(plain(config), indent=1, sort_keys=True))
-    return None
+    return None, recovery
 
 
 def finished_record(run_dir: Path, config: dict) -> dict | None:
     """The record of a finished run of `config` in `run_dir`, if there is one."""
-    record_file, config_file = run_dir / "record.json", run_dir / "config.json"
-    if record_file.is_file() and config_file.is_file() and json.loads(config_file.read_text()) == plain(config):
-        return json.loads(record_file.read_text())
-    return None
+    return read_json(run_dir / "record.json") if read_json(run_dir / "config.json") == plain(config) else None
 
 
 def stopped_by(trainer: pl.Trainer, config: dict, callbacks: list) -> str:
@@ -329,11 +368,11 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
     model, data = build(config, data_dir)
     if config.get("init_range"):
         model.init_uniform(config["init_range"])
-    speed = SpeedMonitor(model.MONITOR)
     interpolate = bool(config.get("kn_order"))
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as temporary:
         folder = Path(run_dir) if run_dir is not None else Path(temporary)
-        resume_from = prepare_run_dir(folder, config, resume)
+        resume_from, recovery = prepare_run_dir(folder, config, resume)
+        speed = SpeedMonitor(model.MONITOR, recovery)
         checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=model.MONITOR, mode=model.MODE,
                                      enable_version_counter=False)
         # Every epoch's state, in a checkpoint of its own: ModelCheckpoint's save_last writes only when the
@@ -378,6 +417,7 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         "curve": [{"epoch": epoch, "wall_minutes": seconds / 60, model.MONITOR: value}
                   for epoch, seconds, value in speed.curve],
         "resumed": speed.resumed,
+        "recovered_from": speed.recovered_from,
         "test_seconds": speed.test_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.records import write_atomically
+
 OUTPUTS = ("leaderboard.csv", "taggers.csv", "table2.csv", "table3.csv", "speed.png", "classes.png", "epochs.png",
            "wall_clock.png", "README.md", "index.html")
 TITLES = {"leaderboard": "Leaderboard (language models, best run per configuration)",
@@ -100,9 +102,9 @@ def clear_previous_report(out: Path) -> None:
 def write_tables(tables: dict[str, pd.DataFrame], out: Path, stamp: str) -> None:
     """Each table as `<name>.csv`, headed by its title, its runs' provenance and `stamp` (generated_by)."""
     for name, table in tables.items():
-        with open(out / f"{name}.csv", "w") as handle:  # provenance as comment lines: read_csv(..., comment="#")
-            handle.write(f"# {TITLES[name]}\n# runs: {table.attrs['provenance']}\n# {stamp}\n")
-            table.to_csv(handle, index=False)
+        # provenance as comment lines: read_csv(..., comment="#")
+        write_atomically(out / f"{name}.csv", f"# {TITLES[name]}\n# runs: {table.attrs['provenance']}\n# {stamp}\n"
+                         + table.to_csv(index=False))
 
 
 def write_pages(tables: dict[str, pd.DataFrame], figures: dict[str, Path], studies: list[str], out: Path,
@@ -122,7 +124,7 @@ def write_pages(tables: dict[str, pd.DataFrame], figures: dict[str, Path], studi
         encoded = base64.b64encode(path.read_bytes()).decode()
         page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                     f"src='data:image/png;base64,{encoded}'>")
-    (out / "README.md").write_text("\n".join(md))
-    (out / "index.html").write_text(
-        f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>bench report</title>"
+    write_atomically(out / "README.md", "\n".join(md))
+    write_atomically(
+        out / "index.html", f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>bench report</title>"
         f"<style>{STYLE}</style></head>\n<body>\n{chr(10).join(page)}\n<script>{SORT_SCRIPT}</script>\n</body></html>\n")

@@ -3,6 +3,7 @@ wall-clock time. The only module of the reports that draws (matplotlib)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from matplotlib.figure import Figure  # a bare Figure draws with the Agg canvas:
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from bench.papers import PAPER_TABLE3, TABLE2_ROWS, corpora_ptb_first
+from bench.records import write_atomically
 
 SPEED, PERPLEXITY = "train tokens/s", "test ppl (NN)"  # leaderboard columns of the speed plot
 
@@ -64,7 +66,7 @@ def plot_speed(board: pd.DataFrame, path: Path) -> Path | None:
         ax.set(xscale="log", xlabel="training tokens/s", ylabel="test perplexity", title=corpus)
         ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    figure.savefig(path, dpi=110)
+    save(figure, path)
     return path
 
 
@@ -89,7 +91,7 @@ def plot_classes(table: pd.DataFrame, path: Path) -> Path | None:
             ax.set(xscale="log", yscale="log" if column == "min/epoch" else "linear", xlabel="classes",
                    ylabel=column, title=f"{corpus}: {column}")
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    figure.savefig(path, dpi=110)
+    save(figure, path)
     return path
 
 
@@ -113,7 +115,7 @@ def plot_epochs(best: pd.DataFrame, path: Path) -> Path | None:
         if len(ax.get_xticks()) < 2:  # a single epoch: one tick, not matplotlib's fractional ones
             ax.set_xticks([1])
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    figure.savefig(path, dpi=110)
+    save(figure, path)
     return path
 
 
@@ -141,6 +143,12 @@ def plot_wall_clock(best: pd.DataFrame, tables: dict[str, pd.DataFrame], path: P
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)  # perplexities span less than a decade: label the minor ticks
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    figure.savefig(path, dpi=110)
+    save(figure, path)
     return path
 
+
+def save(figure: Figure, path: Path) -> None:
+    """The figure as a PNG file, written whole or not at all."""
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
+    write_atomically(path, image.getbuffer())

@@ -28,6 +28,7 @@ DEFAULT_STORAGE = "sqlite:///bench.db"
 # The figures shown as their own columns by study.trials_dataframe(); the whole record is attribute "record".
 SUMMARY_KEYS = ("model", "corpus", "valid_ppl", "test_ppl", "tokens_per_second", "minutes_per_epoch")
 HEARTBEAT_SECONDS = 20
+MAX_RETRY = 2  # a stale trial (its worker killed, or out of memory) is run again at most this often
 CREATE_ATTEMPTS = 5  # workers creating one new database together: the losers of the schema race retry
 
 
@@ -94,19 +95,37 @@ def is_json(line: bytes) -> bool:
     return True
 
 
-def requeue_stale_trials() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
-    """Optuna's callback that requeues a failed stale trial with its parameters. Experimental in Optuna's
-    terms (since 2.8, unchanged since); the warning saying so is not the user's business."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback()
+class RequeueStaleTrials(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's callback that requeues a failed stale trial with its parameters, at most `max_retry` times
+    (None: always). A trial past that is not requeued by Optuna; here it ends as a failed copy with its
+    reason (fail_reason), which holds its place in the study's count like any failed run."""
+
+    def __init__(self, max_retry: int | None):
+        with warnings.catch_warnings():  # experimental since Optuna 2.8, unchanged since: not the user's business
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(max_retry=max_retry)
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            history = [*self.retry_history(trial), trial.number]  # before Optuna's call, which appends to it
+        super().__call__(study, trial)
+        if self.max_retry is not None and len(history) > self.max_retry:
+            reason = (f"its worker stopped {len(history)} times (killed, or out of memory), trials "
+                      f"{', '.join(map(str, history))}; not retried more than max_retry {self.max_retry}")
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.FAIL, params=trial.params, distributions=trial.distributions,
+                user_attrs={**trial.user_attrs, "fail_reason": reason},
+                system_attrs={**trial.system_attrs, "failed_trial": history[0], "retry_history": history}))
 
 
-def open_storage(url: str | None = None, heartbeat: bool = False, create: bool = True):
+def open_storage(url: str | None = None, heartbeat: bool = False, create: bool = True, max_retry: int = MAX_RETRY):
     """An Optuna storage from a URL: RDB URLs as they are; `journal:PATH` for Optuna's journal file.
 
     `heartbeat` (SQL storages; the journal has none): every running trial pings the database, and a trial
-    whose worker stopped pinging is failed and requeued with its parameters by the next worker of the study.
+    whose worker stopped pinging is failed and requeued with its parameters by the next worker of the study,
+    at most `max_retry` times (RequeueStaleTrials).
     `create=False` (reports) reads an existing database and writes nothing into it, not even a schema.
     """
     url = url or DEFAULT_STORAGE
@@ -115,7 +134,7 @@ def open_storage(url: str | None = None, heartbeat: bool = False, create: bool =
     if url.startswith("sqlite:///") and url.removeprefix("sqlite:///") not in ("", ":memory:"):
         check_sqlite(Path(url.removeprefix("sqlite:///")), create)
     beats = dict(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
-                 heartbeat_stale_trial_callback=requeue_stale_trials())
+                 heartbeat_stale_trial_callback=RequeueStaleTrials(max_retry))
     # SQLite: concurrent workers wait for the write lock instead of failing after sqlite3's 5 s default
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(CREATE_ATTEMPTS):

@@ -35,6 +35,7 @@ from bench.inputs import compose, construct, read_utf8
 from bench.models import TASK_METRICS
 from bench.models.output_layers import check_fits_vocabulary
 from bench.models.plugins import model_names, model_spec
+from bench.store import MAX_RETRY
 
 SPEC_KEYS = {
     "study": "study name (default: the file name)",
@@ -49,6 +50,7 @@ SPEC_KEYS = {
     "sampler": "tpe, random or grid, or {type: ..., Optuna options}",
     "pruner": "median, hyperband or none, or {type: ..., Optuna options}",
     "trials": "trials in the study in total",
+    "max_retry": f"times a trial whose worker died (killed, out of memory) is run again (default: {MAX_RETRY})",
     "seeds": "with a grid: run every grid point with each of these seeds (a count n: seeds 0..n-1)",
     "budget": "per trial: {epochs, minutes}",
 }
@@ -87,7 +89,8 @@ class SweepSpec:
     pruner: str = "median"
     pruner_options: dict = field(default_factory=dict)
     trials: int = 20
-    definition: str = ""  # the spec's content less `trials` and `project`, canonical JSON: a study's identity
+    max_retry: int = MAX_RETRY
+    definition: str = ""  # the spec less `trials`, `project` and `max_retry`, canonical JSON: a study's identity
 
     @property
     def epoch_metric(self) -> str:
@@ -260,10 +263,11 @@ class SpecReader:
         if pruner != "none" and metric != validation:
             raise self.fail(("pruner",), f"the pruner watches {epoch_metric} every epoch, so it needs "
                                          f"metric {validation}; set pruner: none")
-        definition = {k: v for k, v in self.data.items() if k not in ("trials", "project")}
+        definition = {k: v for k, v in self.data.items() if k not in ("trials", "project", "max_retry")}
         spec = dataclasses.replace(
             spec, metric=metric, direction=direction, sampler=sampler, sampler_options=sampler_options,
             pruner=pruner, pruner_options=pruner_options, trials=self.read_trials(spec.grid_size),
+            max_retry=self.read_max_retry(),
             definition=json.dumps(definition, sort_keys=True))
         for key, make in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
             try:  # Optuna's own checks of the options
@@ -502,6 +506,12 @@ class SpecReader:
                 raise self.fail((key, name), f"must be {' or '.join(kinds)}, got {value!r}")
             if _is_number(value) and (value < 0 or not math.isfinite(value)):
                 raise self.fail((key, name), f"must not be negative, got {value!r}")
+
+    def read_max_retry(self) -> int:
+        max_retry = self.data.get("max_retry", MAX_RETRY)
+        if not isinstance(max_retry, int) or isinstance(max_retry, bool) or max_retry < 0:
+            raise self.fail(("max_retry",), f"must be a whole number, 0 or more, got {max_retry!r}")
+        return max_retry
 
     def read_trials(self, grid_size: int | None) -> int:
         trials = self.data.get("trials", grid_size or 20)

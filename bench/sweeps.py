@@ -20,7 +20,9 @@ Dead workers. SQL storages ping a heartbeat (bench.store.open_storage): Optuna f
 stopped and RetryHeartbeatStaleTrialCallback requeues its parameters. The journal storage has no heartbeat,
 so each trial records its worker (host, pid, process start time) and a command starting on that host fails
 and requeues, the same way, the trials whose process is gone (on SQL storages too: no wait for the grace
-period there).
+period there). Either way a trial is run again at most `max_retry` times (the spec's, or --max-retry), then
+failed with its reason: a trial that kills its worker every time (out of memory) is not requeued forever.
+A trial a signal stopped is requeued without that bound: the user stopped it, not the trial itself.
 
 Workers are processes, not Optuna's n_jobs threads: Lightning seeds the global RNGs per run and its
 WandbLogger reuses whatever W&B run is active in the process, so threads would mix trials.
@@ -45,10 +47,10 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from bench.errors import BenchError, Interrupted, one_line
-from bench.harness import cached_corpus, cached_tagged_corpus, run_experiment
+from bench.harness import cached_corpus, cached_tagged_corpus, finished_record, run_experiment
 from bench.records import plain
 from bench.redact import redact
-from bench.store import DEFAULT_STORAGE, open_storage, record_attributes, requeue_stale_trials
+from bench.store import DEFAULT_STORAGE, MAX_RETRY, RequeueStaleTrials, open_storage, record_attributes
 from bench.sweep_spec import SweepSpec, load_spec
 from bench.threads import use_threads
 from bench.tracking import wandb_mode, wandb_settings
@@ -137,10 +139,11 @@ def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
     return process is not None and (process[0] == "Z" or process[1] != worker["started"])
 
 
-def recover_dead_trials(study: optuna.Study, storage) -> list[int]:
-    """Fail the running trials whose worker is gone and requeue their parameters (as Optuna does for
-    heartbeat-stale ones); returns their numbers. Only the worker whose state change succeeds requeues."""
-    requeue = requeue_stale_trials()
+def recover_dead_trials(study: optuna.Study, storage, max_retry: int) -> list[int]:
+    """Fail the running trials whose worker is gone and requeue their parameters, at most `max_retry` times
+    (as Optuna does for heartbeat-stale ones); returns their numbers. Only the worker whose state change
+    succeeds requeues."""
+    requeue = RequeueStaleTrials(max_retry)
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(trial):
@@ -205,8 +208,11 @@ class Objective:
         try:
             config = self.spec.config(self.spec.settings(trial))
             logger, self.wandb_mode = start_wandb_run(self.spec, trial, config, self.wandb_mode)
-            record = run_experiment(config, data_dir=self.data_dir, logger=logger, callbacks=(pruning,),
-                                    progress=self.progress, run_dir=self.run_dir(trial), resume=True, keep=self.keep)
+            run_dir = self.run_dir(trial)
+            # a worker killed after the run's record was written and before the trial was told: not run again
+            record = (run_dir is not None and finished_record(run_dir, config)) or run_experiment(
+                config, data_dir=self.data_dir, logger=logger, callbacks=(pruning,), progress=self.progress,
+                run_dir=run_dir, resume=True, keep=self.keep)
             value = record.get(self.spec.metric)
             if value is None or not math.isfinite(value):
                 raise FloatingPointError(f"{self.spec.metric} is {value} (diverged)")
@@ -252,7 +258,7 @@ def requeue_interrupted(trial: optuna.Trial) -> None:
     fail_reason); its copy does."""
     storage = trial.study._storage
     if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-        requeue_stale_trials()(trial.study, storage.get_trial(trial._trial_id))
+        RequeueStaleTrials(max_retry=None)(trial.study, storage.get_trial(trial._trial_id))
 
 
 def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
@@ -280,13 +286,14 @@ class Worker:
     objective: Objective
     init: object = None  # called first in a worker process (the CLI's quiet_libraries)
     workers: int = 1  # processes sharing this machine's cores
+    max_retry: int = MAX_RETRY
 
     def __call__(self, index: int) -> None:
         if self.init is not None:
             self.init()
         use_threads(self.workers)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by report_trial, one line
-        storage = open_storage(self.storage_url, heartbeat=True)
+        storage = open_storage(self.storage_url, heartbeat=True, max_retry=self.max_retry)
         seed_salt = (len(optuna.load_study(study_name=self.spec.study, storage=storage).trials), index)
         study = optuna.load_study(study_name=self.spec.study, storage=storage,
                                   sampler=self.spec.make_sampler(seed_salt), pruner=self.spec.make_pruner())
@@ -316,8 +323,8 @@ def open_study(spec: SweepSpec, storage) -> optuna.Study:
     if made_from is None:
         study.set_user_attr("spec", spec.definition)
     elif made_from != spec.definition:
-        raise BenchError(f"study {spec.study!r} exists with another spec (only trials and project may change "
-                         f"on resume); give this spec another study name")
+        raise BenchError(f"study {spec.study!r} exists with another spec (only trials, project and max_retry may "
+                         f"change on resume); give this spec another study name")
     return study
 
 
@@ -350,12 +357,16 @@ def warn_if_minutes_cut_epochs(spec: SweepSpec, storage) -> None:
 
 def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | None = None, n_jobs: int = 1,
               data_dir: str | None = None, use_wandb: bool = True, progress: bool = True,
-              worker_init=None, run_root: Path | None = None, keep: str = "best") -> pd.DataFrame:
-    """Run (or resume) the spec's study until it holds `trials` trials (default: the spec's); return the
-    trials table."""
+              worker_init=None, run_root: Path | None = None, keep: str = "best",
+              max_retry: int | None = None) -> pd.DataFrame:
+    """Run (or resume) the spec's study until it holds `trials` trials (default: the spec's), a trial whose
+    worker died run again at most `max_retry` times (default: the spec's); return the trials table."""
     total = spec.trials if trials is None else trials
+    max_retry = spec.max_retry if max_retry is None else max_retry
     if total < 1 or n_jobs < 1:
         raise BenchError("--trials and --n-jobs must be positive")
+    if max_retry < 0:
+        raise BenchError(f"--max-retry must not be negative, got {max_retry}")
     if spec.grid_size is not None and total > spec.grid_size:
         raise BenchError(f"--trials {total}: the grid of {spec.path} has {spec.grid_size} points")
     data_dir = str(data_dir) if data_dir else None
@@ -365,12 +376,12 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
         cached_tagged_corpus(spec.corpus, data_dir)
     else:
         load_spec(spec.path, vocab_size=len(cached_corpus(spec.corpus, data_dir).vocab))
-    storage = open_storage(storage_url, heartbeat=True)
+    storage = open_storage(storage_url, heartbeat=True, max_retry=max_retry)
     study = open_study(spec, storage)
     with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since: not the user's business
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # SQL: trials whose heartbeat stopped, failed and requeued
-    recovered = recover_dead_trials(study, storage)
+    recovered = recover_dead_trials(study, storage, max_retry)
     if recovered:
         print(f"trials {', '.join(map(str, recovered))}: their worker is gone; failed and requeued", flush=True)
     mode = wandb_mode(use_wandb)
@@ -382,7 +393,7 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
           + (" (no login: runs kept in ./wandb or $WANDB_DIR; `wandb sync` uploads them)" if mode == "offline"
              else ""), flush=True)
     objective = Objective(spec, total, data_dir, mode, progress and n_jobs == 1, run_root, keep)
-    worker = Worker(spec, storage_url, objective, worker_init, min(n_jobs, max(owed, 1)))
+    worker = Worker(spec, storage_url, objective, worker_init, min(n_jobs, max(owed, 1)), max_retry)
     if owed > 0 and n_jobs == 1:
         worker(0)
     elif owed > 0:

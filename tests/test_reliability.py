@@ -22,9 +22,9 @@ from bench.data import load_corpus
 from bench.errors import BenchError, RunFailed
 from bench.redact import redact
 from bench.reports import load_runs
-from bench.store import open_storage, save_record
+from bench.store import RequeueStaleTrials, open_storage, save_record
 from bench.sweep_spec import load_spec
-from bench.sweeps import run_sweep
+from bench.sweeps import holds_place, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "Hunter2-secret"
@@ -157,6 +157,88 @@ def test_a_report_writes_nothing_into_an_empty_file(tmp_path, capsys):
     empty.touch()
     assert main(["report", "--storage", f"sqlite:///{empty}", "--out", str(tmp_path / "r"), "--no-wandb"]) == 2
     assert "empty" in one_error_line(capsys) and empty.stat().st_size == 0
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "rnn-bptt", "--set", "hidden_size=8"],
+    ["run", "--models", "kn"],
+    ["sweep", "SPEC", "--no-wandb"],
+])
+@pytest.mark.parametrize("run_dir,message", [
+    ("afile", "afile is a file, not a folder"),
+    ("afile/runs", "afile is a file, not a folder"),
+    ("/proc/no-such-process/runs", "cannot write into /proc/no-such-process/runs: No such file or directory"),
+])
+def test_a_run_folder_that_cannot_be_written_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, command,
+                                                                         run_dir, message):
+    """Checked before anything runs: no results database, no study, no run folder, no W&B folder."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "afile", "a file where the run folder should be")
+    argv = [str(write(tmp_path / "spec.yaml", TINY)) if a == "SPEC" else a for a in command]
+    before = sorted(files_under(tmp_path))
+    assert main([*argv, "--run-dir", run_dir, "--storage", f"sqlite:///{tmp_path}/r.db"]) == 2
+    assert message in one_error_line(capsys)
+    assert sorted(files_under(tmp_path)) == before and sorted(tmp_path.rglob("*")) == sorted(
+        [tmp_path / "afile", *([tmp_path / "spec.yaml"] if "sweep" in command else [])])
+
+
+def test_bench_train_resumes_past_a_checkpoint_of_random_bytes_with_one_warning_and_stores_no_failure(tmp_path,
+                                                                                                       capsys):
+    storage = f"sqlite:///{tmp_path}/r.db"
+    argv = ["train", "rnn-bptt", "--set", "hidden_size=8", "--set", "max_epochs=2", "--set", "limit_train_batches=5",
+            "--no-progress", "--storage", storage, "--run-dir", str(tmp_path / "runs"), "--keep", "all"]
+    assert main(argv) == 0
+    [folder] = (tmp_path / "runs" / "train-rnn-bptt-synthetic").iterdir()
+    (folder / "record.json").unlink()  # killed after its last epoch's checkpoint, before the record
+    (folder / "last.ckpt").write_bytes(os.urandom(1 << 16))
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    [warning] = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"bench: warning: {folder}: last.ckpt does not load (")
+    assert warning.endswith("; going on from best.ckpt (epoch 2)")
+    first, again = optuna.load_study(study_name="train-rnn-bptt-synthetic", storage=storage).trials
+    assert (first.state, again.state) == (TrialState.COMPLETE, TrialState.COMPLETE)
+    assert again.user_attrs["record"]["recovered_from"] == [{"damaged": ["last.ckpt"], "checkpoint": "best.ckpt",
+                                                             "epoch": 2}]
+    assert again.value == pytest.approx(first.value, rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------- bounded retries
+
+
+def test_a_stale_trial_is_requeued_max_retry_times_then_failed_with_its_reason():
+    study = optuna.create_study()
+    requeue = RequeueStaleTrials(max_retry=1)
+    for number in (0, 1):  # the trial, then its one retry: their worker died
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        study.tell(trial, state=TrialState.FAIL)
+        requeue(study, study.trials[number])
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.FAIL]
+    first, retry, given_up = study.trials
+    assert retry.params == given_up.params == first.params
+    assert given_up.user_attrs["fail_reason"] == ("its worker stopped 2 times (killed, or out of memory), trials 0, "
+                                                  "1; not retried more than max_retry 1")
+    assert [holds_place(t) for t in study.trials] == [False, False, True]
+
+
+def test_a_trial_that_kills_its_worker_every_time_is_failed_after_max_retry_retries(tmp_path, capsys):
+    """Journal storage: the next command requeues the trial whose worker is gone, --max-retry 1 times."""
+    spec = write(tmp_path / "spec.yaml", TINY + "study: oom\ntrials: 1\n")
+    argv = ["sweep", str(spec), "--storage", f"journal:{tmp_path}/journal.log", "--no-wandb", "--no-progress",
+            "--run-dir", str(tmp_path / "runs"), "--max-retry", "1"]
+    for _ in range(2):  # killed as its first checkpoint is written
+        killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_bench.py"), "checkpoint", "1", *argv],
+                                cwd=tmp_path, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert main(argv) == 0
+    assert "1 of 1 trials held, 0 to run" in capsys.readouterr().out
+    trials = optuna.load_study(study_name="oom", storage=open_storage(f"journal:{tmp_path}/journal.log")).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert trials[2].user_attrs["fail_reason"].startswith("its worker stopped 2 times")
 
 
 # ----------------------------------------------------------------------------------------- failed runs
@@ -334,6 +416,7 @@ MALFORMED = {
     "spec negative sampler count": (lambda t: spec_with(t, TINY + "sampler: {type: tpe, n_startup_trials: -1}\n"),
                                     "sampler.n_startup_trials: must not be negative"),
     "spec study name too long": (lambda t: spec_with(t, TINY + f"study: {'s' * 600}\n"), "study: must be at most 512"),
+    "spec negative max_retry": (lambda t: spec_with(t, TINY + "max_retry: -1\n"), "max_retry: must be a whole number"),
     # corpora
     "binary corpus": (lambda t: ptb_with(t, "valid", os.urandom(64) + b"\xff"), "ptb.valid.txt, line"),
     "UTF-16 corpus": (lambda t: ptb_with(t, "train", PTB_LINES.encode("utf-16")), "ptb.train.txt, line 1: not UTF-8"),

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 from bench.config import make_config
 from bench.errors import BenchError
-from bench.harness import run_experiment
+from bench.harness import DurableCheckpointIO, build_trainer, run_experiment
 from bench.schedules import RnnlmSchedule, lr_scheduler
 
 TINY = {"corpus": "ptb", "max_epochs": 4, "hidden_size": 8}
@@ -70,6 +71,58 @@ def test_a_resumed_run_ends_with_the_record_of_an_uninterrupted_one(tiny_ptb, mo
     assert times == sorted(times)  # the clock goes on from the checkpoint, never back
     assert sorted(os.listdir(tiny_ptb / "cut")) == ["best.ckpt", "config.json", "record.json"]  # keep=best
     assert json.loads((tiny_ptb / "cut" / "record.json").read_text())["test_ppl"] == resumed["test_ppl"]
+
+
+def test_checkpoints_are_flushed_to_disk_before_and_after_their_rename(tmp_path, monkeypatch):
+    flushed, flush = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), flush(fd)))
+    trainer = build_trainer(make_config("rnn-bptt", TINY), [])
+    assert isinstance(trainer.strategy.checkpoint_io, DurableCheckpointIO)  # the Trainer's plugin
+    trainer.strategy.checkpoint_io.save_checkpoint({"x": torch.ones(3)}, tmp_path / "last.ckpt")
+    assert flushed == [str(tmp_path / f".last.ckpt.{os.getpid()}.tmp"), str(tmp_path)]  # the data, then the rename
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["x"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_checkpoint_cut_in_half_is_stepped_over_with_a_warning_and_the_run_completes(tiny_ptb, capsys):
+    """last.ckpt cut in half (a copy of the folder cut short): the resume names it in one warning line and goes
+    on from best.ckpt, epoch 1's (epoch 2 got worse), to the uninterrupted run's record."""
+    config = make_config("rnn-bptt", {**TINY, "schedule": "rnnlm", "lr": 30.0, "bptt_context": 0})
+    whole = run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=tiny_ptb / "whole")
+    folder = tiny_ptb / "cut"
+    with pytest.raises(Killed):
+        run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=folder, callbacks=(Crash(2),))
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:last.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=folder, resume=True)
+    [warning] = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"bench: warning: {folder}: last.ckpt does not load (")  # torch's reason
+    assert warning.endswith("; going on from best.ckpt (epoch 1)")
+    assert (resumed["resumed"], resumed["recovered_from"]) == (1, [{"damaged": ["last.ckpt"],
+                                                                    "checkpoint": "best.ckpt", "epoch": 1}])
+    assert whole["recovered_from"] == []
+    assert resumed["test_ppl"] == pytest.approx(whole["test_ppl"], rel=1e-6)
+    assert_same_run(resumed, whole)
+    assert [point["epoch"] for point in resumed["curve"]] == [1, 2, 3, 4]
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_starts_again_from_epoch_0(tiny_ptb, capsys):
+    config = make_config("rnn-bptt", TINY)
+    whole = run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=tiny_ptb / "whole")
+    folder = tiny_ptb / "cut"
+    with pytest.raises(Killed):
+        run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=folder, callbacks=(Crash(2),))
+    for name in ("last.ckpt", "best.ckpt"):
+        (folder / name).write_bytes(random.Random(name).randbytes(4096))
+    capsys.readouterr()
+    resumed = run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=folder, resume=True)
+    [warning] = capsys.readouterr().err.strip().splitlines()
+    assert "last.ckpt does not load" in warning and "best.ckpt does not load" in warning
+    assert warning.endswith("; starting again from epoch 0")
+    assert (resumed["resumed"], resumed["recovered_from"]) == (0, [{"damaged": ["last.ckpt", "best.ckpt"],
+                                                                    "checkpoint": None, "epoch": 0}])
+    assert_same_run(resumed, whole)
 
 
 def test_checkpoints_of_another_configuration_are_never_resumed(tiny_ptb):
