@@ -23,6 +23,7 @@ from bench.adapters import JournalFile
 from bench.errors import BenchError, RunFailed
 from bench.records import plain
 from bench.redact import redact
+from bench.tasks import metric_task
 
 DEFAULT_STORAGE = "sqlite:///bench.db"
 # The figures shown as their own columns by study.trials_dataframe(); the whole record is attribute "record".
@@ -176,7 +177,7 @@ def save_failure(storage, study_name: str, metric: str, reason: str, attrs: dict
 
 def open_record_study(storage, study_name: str, metric: str) -> optuna.Study:
     return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                               direction="maximize" if metric.endswith("f1") else "minimize")
+                               direction=metric_task(metric).direction)
 
 
 def record_attributes(record: dict) -> dict:

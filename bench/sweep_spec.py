@@ -32,9 +32,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from bench.config import make_config
 from bench.errors import BenchError
 from bench.inputs import compose, construct, read_utf8
-from bench.models import TASK_METRICS
 from bench.models.output_layers import check_fits_vocabulary
 from bench.models.plugins import model_names, model_spec
+from bench.tasks import TASKS
 
 SPEC_KEYS = {
     "study": "study name (default: the file name)",
@@ -58,9 +58,6 @@ PRUNERS = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.Hy
            "none": optuna.pruners.NopPruner}
 PARAM_TYPES = ("float", "log-float", "int", "log-int", "categorical")
 BUDGET = {"epochs": "max_epochs", "minutes": "max_minutes"}
-# Per task: the record figures a sweep may optimise (validation only: test figures are never chosen on),
-# with their direction, and the metric logged every epoch that the pruner watches.
-METRICS = {"lm": {"valid_ppl": "minimize", "nn_kn_valid_ppl": "minimize"}, "tagging": {"valid_f1": "maximize"}}
 STUDY_NAME_LENGTH = 512  # Optuna's studies.study_name column (String(512)); PostgreSQL refuses a longer one
 OPTION_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # a sampler's or pruner's options
 CONFIGURATION = "configuration"  # the grid parameter of a union-of-products grid
@@ -91,7 +88,7 @@ class SweepSpec:
 
     @property
     def epoch_metric(self) -> str:
-        return TASK_METRICS[self.task][1]
+        return TASKS[self.task].monitor
 
     @property
     def grid_size(self) -> int | None:
@@ -256,10 +253,9 @@ class SpecReader:
         self.check_options("pruner", PRUNERS[pruner], pruner_options)
         if (sampler == "grid") != bool(grid_space):
             raise self.fail(("sampler",), "the grid sampler runs a grid (grid:); a search space needs tpe or random")
-        validation, epoch_metric, _ = TASK_METRICS[task]
-        if pruner != "none" and metric != validation:
-            raise self.fail(("pruner",), f"the pruner watches {epoch_metric} every epoch, so it needs "
-                                         f"metric {validation}; set pruner: none")
+        if pruner != "none" and metric != TASKS[task].metric:
+            raise self.fail(("pruner",), f"the pruner watches {TASKS[task].monitor} every epoch, so it needs "
+                                         f"metric {TASKS[task].metric}; set pruner: none")
         definition = {k: v for k, v in self.data.items() if k not in ("trials", "project")}
         spec = dataclasses.replace(
             spec, metric=metric, direction=direction, sampler=sampler, sampler_options=sampler_options,
@@ -459,13 +455,13 @@ class SpecReader:
         return ("grid",) if "grid" in self.data else ("model",)
 
     def read_metric(self, task: str, configs: list[dict]) -> tuple[str, str]:
-        metric = self.data.get("metric", TASK_METRICS[task][0])
-        if metric not in METRICS[task]:
-            raise self.fail(("metric",), f"choose one of {', '.join(METRICS[task])} (validation figures of "
+        metric = self.data.get("metric", TASKS[task].metric)
+        if metric not in TASKS[task].sweep_metrics:
+            raise self.fail(("metric",), f"choose one of {', '.join(TASKS[task].sweep_metrics)} (validation figures of "
                                          f"{task} records), got {metric!r}")
         if metric.startswith("nn_kn") and not all(c.get("kn_order") for c in configs):
             raise self.fail(("metric",), f"{metric} needs kn_order > 0 in every trial (fixed: kn_order: 5)")
-        direction = self.data.get("direction", METRICS[task][metric])
+        direction = self.data.get("direction", TASKS[task].direction)
         if direction not in ("minimize", "maximize"):
             raise self.fail(("direction",), f"must be minimize or maximize, got {direction!r}")
         return metric, direction
