@@ -346,6 +346,21 @@ def test_every_shipped_spec_is_valid_and_runs_a_tiny_trial(tmp_path, path, monke
     assert table["state"].tolist() == ["COMPLETE"]
 
 
+def test_errors_carry_their_key_as_data_and_the_spec_its_line():
+    from bench.config import make_config
+    from bench.sweep_spec import read_spec
+
+    with pytest.raises(BenchError) as caught:
+        make_config("rnn-bptt", {"output": "full", "classes": 10})
+    assert caught.value.key == "classes"
+    with pytest.raises(BenchError) as caught:
+        read_spec({"model": "rnn-bptt", "search": {"lr": {"type": "float", "low": 2, "high": 1}}}, Path("s.yaml"), None)
+    assert caught.value.key == ("search", "lr") and str(caught.value).startswith("bad range: ")
+    with pytest.raises(BenchError) as caught:  # a configuration's error, at the spec key that set it
+        read_spec({"model": "rnn-bptt", "fixed": {"classes": 10}, "search": {"lr": [1.0]}}, Path("s.yaml"), None)
+    assert caught.value.key == ("fixed", "classes")
+
+
 def test_seeds_repeat_every_grid_point_and_are_refused_for_a_search(tmp_path):
     spec = load_spec(write_spec(tmp_path, TINY + "grid:\n  - {output: [class], classes: [2, 4]}\n  - {output: [full]}\n"
                                                    "seeds: 2\n"))
