@@ -1,6 +1,10 @@
 """bench.adapters: one test per private API or internal format of a dependency, failing on a release that
 changes it (pyproject.toml bounds Optuna for them)."""
 
+import concurrent.futures
+import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import optuna
@@ -66,3 +70,17 @@ def test_rnn_tanh_takes_its_arguments_by_keyword_and_runs_the_elman_recurrence()
             expected.append(h)
         torch.testing.assert_close(states, torch.stack(expected, dim=1), rtol=0, atol=1e-12)
         torch.testing.assert_close(last, h.unsqueeze(0), rtol=0, atol=1e-12)
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)  # both workers busy at once, so each task runs in its own process
+    return os.getpid()
+
+
+def test_the_sweep_pools_workers_are_the_active_children_it_signals():
+    """bench.sweeps forwards a signal to multiprocessing.active_children() (public) instead of reading
+    ProcessPoolExecutor's private _processes: the pool's workers must be among them, and nothing else."""
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+        workers = set(pool.map(_pid_after, [0.5, 0.5]))
+        assert {process.pid for process in multiprocessing.active_children()} == workers and len(workers) == 2
