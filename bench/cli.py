@@ -67,14 +67,18 @@ def run_folder_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
-    from bench.corpora import CORPORA
-    from bench.models.plugins import model_names
-    from bench.regress import MIN_TIMED_SECONDS, QUALITY_BATCHES
-
     parser = Parser(prog="bench", description="Language-model benchmark suite (Mikolov et al. 2011 and beyond).")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also given after "
                                                              "the command)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add_command in (add_train, add_run, add_sweep, add_report, add_regress):
+        add_command(commands)
+    return parser
+
+
+def add_train(commands) -> None:
+    from bench.corpora import CORPORA
+    from bench.models.plugins import model_names
 
     train = commands.add_parser("train", help="train and evaluate one model, print and store its record",
                                 add_help=False)
@@ -90,6 +94,8 @@ def build_parser() -> Parser:
                                                             "stored")
     common_options(train)
 
+
+def add_run(commands) -> None:
     run = commands.add_parser("run", help="the quick suite: every model on a corpus, one comparison table")
     run.add_argument("--corpus", default="synthetic", help="corpus (default: synthetic, needs no download)")
     run.add_argument("--models", nargs="+", help="only these models (default: all that take the corpus, "
@@ -97,6 +103,8 @@ def build_parser() -> Parser:
     run.add_argument("--seeds", type=int, default=1, help="runs of each model with seeds 0, 1, ... (default: 1)")
     common_options(run)
 
+
+def add_sweep(commands) -> None:
     sweep = commands.add_parser("sweep", help="an Optuna study over a spec (sweeps/*.yaml): trials stored as runs, "
                                               "one W&B run each; re-running resumes it")
     sweep.add_argument("spec", help="the sweep spec, e.g. sweeps/rnn-bptt-synthetic.yaml")
@@ -115,6 +123,8 @@ def build_parser() -> Parser:
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     run_folder_options(sweep)
 
+
+def add_report(commands) -> None:
     report = commands.add_parser("report", help="tables, plots, Markdown/HTML/CSV and a W&B report of the results")
     report.add_argument("--storage", help="Optuna storage URL of the results database (default: sqlite:///bench.db)")
     report.add_argument("--study", nargs="+", action="extend", dest="studies", metavar="NAME",
@@ -122,6 +132,10 @@ def build_parser() -> Parser:
     report.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
     report.add_argument("--project", help="W&B project (default: $WANDB_PROJECT, else bench)")
     report.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
+
+
+def add_regress(commands) -> None:
+    from bench.regress import MIN_TIMED_SECONDS, QUALITY_BATCHES
 
     regress = commands.add_parser("regress", help="re-run the fixed regression set and compare it with the baseline "
                                                   "(exit 1 on a regression)")
@@ -139,7 +153,6 @@ def build_parser() -> Parser:
     regress.add_argument("--speed-seconds", type=float, default=MIN_TIMED_SECONDS,
                          help=f"CPU seconds of training steps timed per repetition (default: {MIN_TIMED_SECONDS})")
     regress.add_argument("--data-dir", help="folder holding the corpora; with PTB there, a PTB slice is added")
-    return parser
 
 
 def run_and_store(config: dict, storage, study: str, **options) -> dict:

@@ -29,21 +29,22 @@ class Param:
     def check(self, key: str, value):
         if self.kind == "ints":
             if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise BenchError(f"{key} must be a list of integers such as [2000, 6000], got {value!r}")
+                raise BenchError(f"{key} must be a list of integers such as [2000, 6000], got {value!r}", key)
             return value
         if self.kind == "floats":
             values = value if isinstance(value, list) else [value]
             if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise BenchError(f"{key} must be a number or a list of numbers such as [150, 141.3], got {value!r}")
+                raise BenchError(f"{key} must be a number or a list of numbers such as [150, 141.3], got {value!r}",
+                                 key)
             return [Param(float, self.low, self.high).check(key, v) for v in values]
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
-            raise BenchError(f"{key} must be {self.kind.__name__}, got {value!r}")
+            raise BenchError(f"{key} must be {self.kind.__name__}, got {value!r}", key)
         if self.choices and value not in self.choices:
-            raise BenchError(f"{key} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            raise BenchError(f"{key} must be one of {', '.join(map(str, self.choices))}, got {value!r}", key)
         if self.kind in (int, float) and not self.low <= value <= self.high:
-            raise BenchError(f"{key} must be between {self.low:g} and {self.high:g}, got {value!r}")
+            raise BenchError(f"{key} must be between {self.low:g} and {self.high:g}, got {value!r}", key)
         return value
 
 
@@ -177,12 +178,12 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
             unknown = [key for key in settings if key not in keys]
             if unknown:
                 raise BenchError(f"model plugin {model!r}: {attribute} sets unknown hyper-parameter {unknown[0]!r}; "
-                                 f"known: {', '.join(keys)}")
+                                 f"known: {', '.join(keys)}", "model")
     for key in overrides:
         if key in spec.fixed:
-            raise BenchError(f"{key} is fixed for {model} (it is what makes it {model})")
+            raise BenchError(f"{key} is fixed for {model} (it is what makes it {model})", key)
         if key not in keys:
-            raise BenchError(f"unknown hyper-parameter {key!r} for {model}; known: {', '.join(keys)}")
+            raise BenchError(f"unknown hyper-parameter {key!r} for {model}; known: {', '.join(keys)}", key)
     quick_settings = {**QUICK_DEFAULTS, **spec.quick} if quick else {}
     config = {**HARNESS_DEFAULTS, **spec.defaults, **quick_settings, **overrides}
     config = {key: value for key, value in config.items() if key in keys}
@@ -196,7 +197,7 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
                          f"choose one of {', '.join(TASK_CORPORA[spec.task])}, got {config['corpus']!r}")
     for key, layer in OUTPUT_OPTIONS.items():
         if key in config and config.get("output") != layer:
-            raise BenchError(f"{key} applies to output={layer}, not output={config.get('output')}")
+            raise BenchError(f"{key} applies to output={layer}, not output={config.get('output')}", key)
     return {"model": model, **config}
 
 
@@ -206,11 +207,12 @@ def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:
     if schedule not in SCHEDULE_OPTIONS:
         MODEL["schedule"].check("schedule", schedule)
     if schedule == "rnnlm" and model_spec(model).task != "lm":
-        raise BenchError(f"schedule rnnlm watches validation perplexity: it is for language models, not {model}")
+        raise BenchError(f"schedule rnnlm watches validation perplexity: it is for language models, not {model}",
+                         "schedule")
     for other, options in SCHEDULE_OPTIONS.items():
         for key in options:
             if other != schedule and key in overrides:
-                raise BenchError(f"{key} applies to schedule={other}, not schedule={schedule}")
+                raise BenchError(f"{key} applies to schedule={other}, not schedule={schedule}", key)
     own = SCHEDULE_OPTIONS[schedule]
     others = {key for options in SCHEDULE_OPTIONS.values() for key in options} - set(own)
     return {**{k: v for k, v in config.items() if k not in others}, **{k: config.get(k, v) for k, v in own.items()}}

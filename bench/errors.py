@@ -10,7 +10,13 @@ Anything else is a bug: exit 1, one line; `bench --debug` shows its traceback.
 
 
 class BenchError(Exception):
-    """A user-caused error: the message says what is wrong and where."""
+    """A user-caused error: the message says what is wrong and where. `key`, where the check that failed knows
+    it, is what the error is about (a configuration's hyper-parameter, a sweep spec's key path), so that a
+    caller can say where that was given."""
+
+    def __init__(self, message: str, key: str | tuple | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class RunFailed(Exception):

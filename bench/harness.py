@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -351,6 +352,32 @@ def efficiency(model: pl.LightningModule, tokens_per_second: float) -> dict:
     return {"gflops": achieved, "matmul_gflops": roofline, "roofline_fraction": achieved / roofline}
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run's record by concern, each part built by one function below. `as_dict` is the flat record
+    that everything reads (the store's user attribute "record", record.json, the W&B summary, report rows),
+    its keys in this order."""
+
+    run: dict  # model, corpus
+    quality: dict  # the module's results; language models: NN+KN, the corpus's oracle and unigram, time to target
+    speed: dict  # epochs, what stopped the run, speed and clock figures, the validation curve
+    provenance: dict  # parameters, memory, device, threads, seed, commit, versions, configuration, plugin
+
+    def as_dict(self) -> dict:
+        return {**self.run, **self.quality, **self.speed, **self.provenance}
+
+
+@dataclass
+class FinishedFit:
+    """What a fitted and tested run leaves for its record."""
+
+    model: pl.LightningModule
+    data: pl.LightningDataModule
+    trainer: pl.Trainer
+    speed: SpeedMonitor
+    stopped_by: str
+
+
 def run_experiment(config: dict, data_dir: str | None = None, logger=None, callbacks: tuple = (),
                    progress: bool = True, run_dir: Path | None = None, resume: bool = False,
                    keep: str = "best") -> dict:
@@ -365,60 +392,93 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
     pl.seed_everything(config["seed"], verbose=False)
     reset_peak_memory()
     data_dir = str(data_dir) if data_dir else None
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as temporary:
+        folder = Path(run_dir) if run_dir is not None else Path(temporary)
+        label = folder.name if run_dir is not None else config["model"]
+        fit = fit_and_test(config, data_dir, folder, label, logger, callbacks, progress, resume)
+    record = RunRecord(run={"model": config["model"], "corpus": config["corpus"]},
+                       quality=quality_figures(fit, config, data_dir), speed=speed_figures(fit),
+                       provenance=provenance(fit.model, config, commit)).as_dict()
+    if run_dir is not None:
+        write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))
+        for name in {"best.ckpt", "last.ckpt"} - set(CHECKPOINTS[keep]):
+            (folder / name).unlink(missing_ok=True)
+    return record
+
+
+def fit_and_test(config: dict, data_dir: str | None, folder: Path, label: str, logger, callbacks: tuple,
+                 progress: bool, resume: bool) -> FinishedFit:
+    """Build the model, fit it (resuming from `folder` when `resume` finds its checkpoint) and test the best
+    epoch's weights; with NN+KN, validate them again for the per-token scores."""
     model, data = build(config, data_dir)
     if config.get("init_range"):
         model.init_uniform(config["init_range"])
-    interpolate = bool(config.get("kn_order"))
-    with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as temporary:
-        folder = Path(run_dir) if run_dir is not None else Path(temporary)
-        resume_from, recovery = prepare_run_dir(folder, config, resume)
-        speed = SpeedMonitor(model.MONITOR, recovery)
-        checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=model.MONITOR, mode=model.MODE,
-                                     enable_version_counter=False)
-        # Every epoch's state, in a checkpoint of its own: ModelCheckpoint's save_last writes only when the
-        # monitored metric improved, so a resume would repeat the epochs since the last improvement.
-        last = ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False)
-        schedule = schedule_callbacks(config, model.MONITOR, model.MODE)
-        lines = [] if progress else [EpochLines(speed, folder.name if run_dir is not None else config["model"])]
-        trainer = build_trainer(config, [speed, *lines, RandomStates(), *schedule, checkpoint, last, *callbacks],
-                                logger, progress, str(folder))
-        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
-        # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint. The weights
-        # alone: trainer.test(ckpt_path=...) would also restore the callbacks' and the module's state of that
-        # epoch, dropping the later epochs from the clock and the curve.
-        if checkpoint.best_model_path:
-            model.load_state_dict(torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"])
-        if interpolate:  # per-token scores of the best weights on valid and test, for NN+KN
-            trainer.validate(model, datamodule=data, verbose=False)
-        trainer.test(model, datamodule=data, verbose=False)
-        ended_by = stopped_by(trainer, config, schedule)
-    trained = len(speed.train_seconds)
-    record = {"model": config["model"], "corpus": config["corpus"], **model.results(trained)}
-    if isinstance(data, LanguageModelData):
-        corpus = data.corpus
-        if interpolate:
-            kn = kneser_ney_log_probs(config["corpus"], data_dir, config["kn_order"])
-            record |= tune_interpolation(valid=(-model.scored_token_nll("val"), kn["valid"]),
-                                         test=(-model.scored_token_nll("test"), kn["test"]))
-        record |= {"oracle_ppl": corpus.oracle_perplexity("test"), "unigram_ppl": corpus.unigram_perplexity("test"),
-                   "minutes_to_target": minutes_to_target(speed.curve, config.get("target_ppl") or [])}
-    device = str(model.device)
+    resume_from, recovery = prepare_run_dir(folder, config, resume)
+    speed = SpeedMonitor(model.MONITOR, recovery)
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=model.MONITOR, mode=model.MODE,
+                                 enable_version_counter=False)
+    # Every epoch's state, in a checkpoint of its own: ModelCheckpoint's save_last writes only when the
+    # monitored metric improved, so a resume would repeat the epochs since the last improvement.
+    last = ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False)
+    schedule = schedule_callbacks(config, model.MONITOR, model.MODE)
+    lines = [] if progress else [EpochLines(speed, label)]
+    trainer = build_trainer(config, [speed, *lines, RandomStates(), *schedule, checkpoint, last, *callbacks],
+                            logger, progress, str(folder))
+    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    # The best epoch's weights; a model without gradient steps (the n-gram) has no checkpoint. The weights
+    # alone: trainer.test(ckpt_path=...) would also restore the callbacks' and the module's state of that
+    # epoch, dropping the later epochs from the clock and the curve.
+    if checkpoint.best_model_path:
+        model.load_state_dict(torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"])
+    if config.get("kn_order"):  # per-token scores of the best weights on valid and test, for NN+KN
+        trainer.validate(model, datamodule=data, verbose=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    return FinishedFit(model, data, trainer, speed, stopped_by(trainer, config, schedule))
+
+
+def quality_figures(fit: FinishedFit, config: dict, data_dir: str | None) -> dict:
+    """The module's results; for a language model also NN+KN (with kn_order), the test set's oracle and
+    unigram perplexities, and the minutes to each target perplexity."""
+    model, figures = fit.model, fit.model.results(len(fit.speed.train_seconds))
+    if not isinstance(fit.data, LanguageModelData):
+        return figures
+    if config.get("kn_order"):
+        kn = kneser_ney_log_probs(config["corpus"], data_dir, config["kn_order"])
+        figures |= tune_interpolation(valid=(-model.scored_token_nll("val"), kn["valid"]),
+                                      test=(-model.scored_token_nll("test"), kn["test"]))
+    corpus = fit.data.corpus
+    return figures | {"oracle_ppl": corpus.oracle_perplexity("test"), "unigram_ppl": corpus.unigram_perplexity("test"),
+                      "minutes_to_target": minutes_to_target(fit.speed.curve, config.get("target_ppl") or [])}
+
+
+def speed_figures(fit: FinishedFit) -> dict:
+    """Epochs trained (a fraction when a budget cut the last one short), what stopped the run, and the speed
+    figures of the training steps, the wall clock, the validation curve and the test pass."""
+    speed, trained = fit.speed, len(fit.speed.train_seconds)
     tokens_per_second = speed.train_tokens / max(sum(speed.train_seconds), 1e-9)
-    batches_per_epoch = trainer.num_training_batches
+    batches_per_epoch = fit.trainer.num_training_batches
     epochs = speed.train_batches / batches_per_epoch if batches_per_epoch else trained
-    record |= {
+    return {
         # whole epochs, or the fraction trained when a budget cut the last one short
         "epochs": trained if speed.train_batches == trained * batches_per_epoch else round(epochs, 3),
-        "stopped_by": ended_by,
+        "stopped_by": fit.stopped_by,
         "tokens_per_second": tokens_per_second,
-        **efficiency(model, tokens_per_second),
+        **efficiency(fit.model, tokens_per_second),
         "minutes_per_epoch": sum(speed.train_seconds) / max(epochs, 1e-9) / 60 if trained else 0.0,
         "wall_minutes": speed.wall_seconds() / 60,
-        "curve": [{"epoch": epoch, "wall_minutes": seconds / 60, model.MONITOR: value}
+        "curve": [{"epoch": epoch, "wall_minutes": seconds / 60, fit.model.MONITOR: value}
                   for epoch, seconds, value in speed.curve],
         "resumed": speed.resumed,
         "recovered_from": speed.recovered_from,
         "test_seconds": speed.test_seconds,
+    }
+
+
+def provenance(model: pl.LightningModule, config: dict, commit: str | None) -> dict:
+    """What ran, on what: parameter count, peak memory, device, threads, seed, commit, library versions, the
+    configuration, and a plugin's name, source and version."""
+    device = str(model.device)
+    return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),
         "device": device,
@@ -429,8 +489,3 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         "config": config,
         **({"plugin": plugin} if (plugin := model_spec(config["model"]).plugin) else {}),
     }
-    if run_dir is not None:
-        write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))
-        for name in {"best.ckpt", "last.ckpt"} - set(CHECKPOINTS[keep]):
-            (folder / name).unlink(missing_ok=True)
-    return record

@@ -16,7 +16,8 @@ import lightning.pytorch as pl
 import torch
 
 from bench.errors import BenchError
-from bench.regress import FIGURES, MEASURING_ENV, THREADS
+from bench.regress import MEASURING_ENV, THREADS
+from bench.tasks import TASKS
 
 
 class StepClock(pl.Callback):
@@ -102,7 +103,7 @@ def measure(runs: list[dict], repeats: int, min_seconds: float, data_dir: str | 
         if run["quality"]:  # None: a confirmation of speed only
             print(f"[quality {number}/{len(runs)}] {run['name']}", flush=True)
             record = run_experiment(run["quality"], data_dir=data_dir, progress=False)
-            quality = {f: record[f] for f in FIGURES[run["task"]] if record.get(f) is not None}
+            quality = {f: record[f] for f in TASKS[run["task"]].regress_figures if record.get(f) is not None}
         results[run["name"]] = {**{k: run[k] for k in ("model", "corpus", "task")}, "config": run["quality"],
                                 "quality": quality, "speed": None}
     timed = [run for run in runs if run["speed"]]

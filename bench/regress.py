@@ -35,8 +35,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.models import TASK_METRICS
 from bench.records import check_writable, write_atomically
+from bench.tasks import TASKS
 
 TIGHT, LOOSE = 1e-4, 1e-2  # relative quality tolerance: same torch and cpu capability / otherwise
 SPEED_THRESHOLD = 0.15  # relative drop of the speed ratio that counts as a regression on the baseline's CPU model
@@ -47,7 +47,6 @@ QUALITY = dict(max_epochs=2)  # two epochs: the plateau schedule, early stopping
 SPEED = dict(max_epochs=1, kn_order=0, eval_batch_size=16)  # scoring is not timed; keep it short
 PTB = {"kn": {}, "rnn-bptt": dict(output="class", classes=100), "lstm": dict(output="adaptive")}
 PTB_BUDGET = dict(max_epochs=1, limit_train_batches=200)
-FIGURES = {"lm": ("valid_ppl", "test_ppl", "nn_kn_test_ppl"), "tagging": ("valid_f1", "test_f1")}
 SPEED_FIGURE = "speed ratio"
 FAILING = ("REGRESSION", "config changed")
 # glibc hands big freed buffers back to the kernel and maps them again on the next step (timings on the
@@ -136,7 +135,7 @@ def baseline_problem(baseline) -> str | None:
     if not isinstance(baseline.get("runs"), dict) or not baseline["runs"]:
         return "no 'runs' object"
     for name, run in baseline["runs"].items():
-        if not isinstance(run, dict) or run.get("task") not in FIGURES or not isinstance(run.get("config"), dict):
+        if not isinstance(run, dict) or run.get("task") not in TASKS or not isinstance(run.get("config"), dict):
             return f"run {name!r} lacks its task or config"
         if not isinstance(run.get("quality"), dict) or not all(map(number, run["quality"].values())):
             return f"run {name!r}: quality figures must be numbers"
@@ -187,7 +186,7 @@ def compare(baseline: dict, current: dict) -> pd.DataFrame:
         if changed:
             rows.append(dict(run=name, figure="configuration", verdict="config changed", detail=changed))
             continue
-        higher = TASK_METRICS[new["task"]][2] == "maximize"
+        higher = TASKS[new["task"]].direction == "maximize"
         for figure in new["quality"]:
             if figure not in old["quality"]:
                 rows.append(dict(run=name, figure=figure, now=new["quality"][figure], verdict="new"))

@@ -40,6 +40,7 @@ from bench.report_pages import clear_previous_report, write_pages, write_tables
 from bench.report_plots import PERPLEXITY, SPEED, draw_plots
 from bench.store import DEFAULT_STORAGE, open_storage
 from bench.tables import leaderboard, tagger_table
+from bench.tasks import record_task
 from bench.tracking import wandb_mode, wandb_settings
 
 TAGGER_ARCHITECTURE = ("cell", "layers", "bidirectional")
@@ -78,7 +79,7 @@ def load_runs(storage_url: str | None = None, studies: list[str] | None = None) 
                 continue
             config = record.get("config") or {}
             output = config.get("output", "")
-            task = "tagging" if "test_f1" in record else "lm"
+            task = record_task(record).name
             rows.append({
                 **{k: v for k, v in record.items() if np.isscalar(v) or v is None},
                 "setting": setting(config), "reached_stop": reached_stop(record),

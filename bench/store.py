@@ -17,12 +17,13 @@ from pathlib import Path
 
 import optuna
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file
 from optuna.trial import TrialState
 
+from bench.adapters import JournalFile
 from bench.errors import BenchError, RunFailed
 from bench.records import plain
 from bench.redact import redact
+from bench.tasks import metric_task
 
 DEFAULT_STORAGE = "sqlite:///bench.db"
 # The figures shown as their own columns by study.trials_dataframe(); the whole record is attribute "record".
@@ -32,27 +33,10 @@ MAX_RETRY = 2  # a stale trial (its worker killed, or out of memory) is run agai
 CREATE_ATTEMPTS = 5  # workers creating one new database together: the losers of the schema race retry
 
 
-class TornTailJournal(JournalFileBackend):
-    """Optuna's journal file, cutting a torn last line (a writer killed mid-append) before every append: the
-    next record would otherwise be glued to it, and neither Optuna nor `bench report` could read the file."""
-
-    def __init__(self, path: str):
-        super().__init__(path)
-        with get_lock_file(self._lock):
-            cut_torn_tail(Path(path))
-
-    def append_logs(self, logs: list[dict]) -> None:
-        with get_lock_file(self._lock):
-            cut_torn_tail(Path(self._file_path))
-            text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
-            with open(self._file_path, "ab") as handle:  # as Optuna's append_logs
-                handle.write(text.encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-
-
 def cut_torn_tail(path: Path, block: int = 1 << 16) -> None:
-    """Truncate `path` after its last newline when it does not end with one, warning with the line number."""
+    """Truncate `path` after its last newline when it does not end with one (a writer killed mid-append),
+    warning with the line number: the next record would otherwise be glued to it, and neither Optuna nor
+    `bench report` could read the file. Run under the journal's lock before every append (JournalFile)."""
     with open(path, "r+b") as handle:
         size = handle.seek(0, os.SEEK_END)
         end = size
@@ -155,7 +139,7 @@ def open_journal(path: Path, create: bool):
     if not create and not path.is_file():
         raise BenchError(f"no results database at {path}: run `bench run` or `bench train` first")
     try:
-        backend = TornTailJournal(str(path)) if create else JournalFileBackend(str(path))
+        backend = JournalFile(str(path), repair=cut_torn_tail) if create else JournalFileBackend(str(path))
         check_journal(path)
         return optuna.storages.JournalStorage(backend)
     except OSError as error:
@@ -212,7 +196,7 @@ def save_failure(storage, study_name: str, metric: str, reason: str, attrs: dict
 
 def open_record_study(storage, study_name: str, metric: str) -> optuna.Study:
     return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                               direction="maximize" if metric.endswith("f1") else "minimize")
+                               direction=metric_task(metric).direction)
 
 
 def record_attributes(record: dict) -> dict:

@@ -46,6 +46,7 @@ import pandas as pd
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from bench.adapters import trial_id, trial_storage
 from bench.errors import BenchError, Interrupted, one_line
 from bench.harness import cached_corpus, cached_tagged_corpus, finished_record, run_experiment
 from bench.records import plain
@@ -149,11 +150,11 @@ def recover_dead_trials(study: optuna.Study, storage, max_retry: int) -> list[in
         if not is_stale(trial):
             continue
         try:
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            if not storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first
-        requeue(study, storage.get_trial(trial._trial_id))
+        requeue(study, storage.get_trial(trial_id(trial)))
         recovered.append(trial.number)
     return recovered
 
@@ -256,9 +257,9 @@ def requeue_interrupted(trial: optuna.Trial) -> None:
     """Fail the trial a signal stopped and queue its parameters again, as for a dead worker's trial: the next
     command runs the copy, which resumes from this trial's run folder. The trial holds no place (no
     fail_reason); its copy does."""
-    storage = trial.study._storage
-    if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-        RequeueStaleTrials(max_retry=None)(trial.study, storage.get_trial(trial._trial_id))
+    storage = trial_storage(trial)
+    if storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):
+        RequeueStaleTrials(max_retry=None)(trial.study, storage.get_trial(trial_id(trial)))
 
 
 def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
@@ -404,8 +405,7 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
             try:
                 list(pool.map(worker, range(min(n_jobs, owed))))
             except Interrupted as stop:  # a signal to this process alone: the workers requeue their trials too
-                for process in list(pool._processes.values()):
-                    if process.is_alive():
-                        os.kill(process.pid, stop.signal_number)
+                for process in multiprocessing.active_children():  # the pool's workers: nothing else here forks
+                    os.kill(process.pid, stop.signal_number)
                 raise
     return trials_table(study, spec.metric)

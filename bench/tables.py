@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bench.tasks import TAGGER, record_task
+
 TARGETS = "minutes_to_target"
 COLUMNS = {
     "model": "model",
@@ -86,6 +88,6 @@ def to_text(frame: pd.DataFrame) -> str:
 
 def print_tables(records: list[dict]) -> None:
     """The language models' leaderboard, then the taggers' table, as text (each only if it has rows)."""
-    taggers = [record for record in records if "test_f1" in record]
-    models = [record for record in records if "test_f1" not in record]
+    taggers = [record for record in records if record_task(record) is TAGGER]
+    models = [record for record in records if record_task(record) is not TAGGER]
     print("\n\n".join(to_text(table(rows)) for table, rows in ((leaderboard, models), (tagger_table, taggers)) if rows))

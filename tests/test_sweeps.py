@@ -18,15 +18,18 @@ import pytest
 from optuna.trial import TrialState
 
 from bench.cli import main
+from bench.config import TASK_CORPORA
 from bench.errors import BenchError
 from bench.models.plugins import model_spec
 from bench.reports import load_runs
 from bench.store import SUMMARY_KEYS, open_storage, save_record
 from bench.sweep_spec import load_spec
 from bench.sweeps import Objective, describe, places_taken, run_sweep
+from bench.tasks import TASKS
 from bench.tracking import wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_SPECS = sorted((ROOT / "sweeps").glob("*.yaml"))
 TINY = """
 model: rnn-bptt
 corpus: synthetic
@@ -308,8 +311,20 @@ trials: 4
     assert sorted(int(line.split()[1]) for line in printed) == sorted(t.number for t in complete)
 
 
+@pytest.mark.parametrize("path", SHIPPED_SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_loads_and_validates_without_training(path):
+    """In every default run, as lightning-hydra-template checks its configs in every CI run: load_spec parses
+    the spec and puts every configuration it can produce through make_config, and builds its sampler and
+    pruner; no corpus is read (run_sweep adds the vocabulary's checks), nothing trained."""
+    spec = load_spec(path)
+    assert spec.study == path.stem and spec.trials >= 1
+    assert spec.metric in TASKS[spec.task].sweep_metrics and spec.direction == TASKS[spec.task].direction
+    assert (spec.grid_size is None) == bool(spec.search) and spec.trials <= (spec.grid_size or spec.trials)
+    assert spec.corpus in TASK_CORPORA[spec.task]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED_SPECS, ids=lambda p: p.name)
 def test_every_shipped_spec_is_valid_and_runs_a_tiny_trial(tmp_path, path, monkeypatch):
     """Like lightning-hydra-template's experiment tests: each spec, one trial, one epoch cut at ~0.6 s."""
     import dataclasses
@@ -331,6 +346,21 @@ def test_every_shipped_spec_is_valid_and_runs_a_tiny_trial(tmp_path, path, monke
     assert table["state"].tolist() == ["COMPLETE"]
 
 
+def test_errors_carry_their_key_as_data_and_the_spec_its_line():
+    from bench.config import make_config
+    from bench.sweep_spec import read_spec
+
+    with pytest.raises(BenchError) as caught:
+        make_config("rnn-bptt", {"output": "full", "classes": 10})
+    assert caught.value.key == "classes"
+    with pytest.raises(BenchError) as caught:
+        read_spec({"model": "rnn-bptt", "search": {"lr": {"type": "float", "low": 2, "high": 1}}}, Path("s.yaml"), None)
+    assert caught.value.key == ("search", "lr") and str(caught.value).startswith("bad range: ")
+    with pytest.raises(BenchError) as caught:  # a configuration's error, at the spec key that set it
+        read_spec({"model": "rnn-bptt", "fixed": {"classes": 10}, "search": {"lr": [1.0]}}, Path("s.yaml"), None)
+    assert caught.value.key == ("fixed", "classes")
+
+
 def test_seeds_repeat_every_grid_point_and_are_refused_for_a_search(tmp_path):
     spec = load_spec(write_spec(tmp_path, TINY + "grid:\n  - {output: [class], classes: [2, 4]}\n  - {output: [full]}\n"
                                                    "seeds: 2\n"))
@@ -346,7 +376,10 @@ def test_seeds_repeat_every_grid_point_and_are_refused_for_a_search(tmp_path):
 def test_threads_follow_omp_num_threads_else_the_idle_cores(monkeypatch):
     from bench import threads
 
-    assert 0 <= threads.idle_cores(0.05) <= os.cpu_count() + 1e-9
+    samples = iter([(100.0, 1000.0), (150.0, 1100.0)])  # (idle, total) jiffies: half the time idle
+    monkeypatch.setattr(threads, "cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    assert threads.idle_cores(0) == 2.0
     monkeypatch.setenv("OMP_NUM_THREADS", "3,1")
     assert threads.compute_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")

@@ -12,8 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-# Per task: the record's validation figure, the epoch metric the modules log for it, its Optuna direction.
-TASK_METRICS = {"lm": ("valid_ppl", "val_ppl", "minimize"), "tagging": ("valid_f1", "val_f1", "maximize")}
+from bench.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,7 @@ class ModelSpec:
     defaults: dict
     quick: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
-    task: str = "lm"  # "lm": scored by perplexity; "tagging": by F1
+    task: str = "lm"  # a key of bench.tasks.TASKS: "lm", scored by perplexity; "tagging", by F1
     neural: bool = True  # trained by gradient, with an optimizer (and, language models, an output layer)
     # A plugin's own hyper-parameters, name -> (type, allowed values or ()), from its constructor's signature
     params: dict = field(default_factory=dict)
@@ -37,17 +36,17 @@ class ModelSpec:
     @property
     def metric(self) -> str:
         """The record's validation figure that selects runs: lower perplexity, or higher F1 for taggers."""
-        return TASK_METRICS[self.task][0]
+        return TASKS[self.task].metric
 
     @property
     def monitor(self) -> str:
         """The metric the module logs after every validation epoch (its MONITOR)."""
-        return TASK_METRICS[self.task][1]
+        return TASKS[self.task].monitor
 
     @property
     def direction(self) -> str:
         """Optuna's direction for `metric`."""
-        return TASK_METRICS[self.task][2]
+        return TASKS[self.task].direction
 
 
 # Zaremba et al. 2014's small PTB model without dropout (2 x 200, 13 epochs, the rate halved every epoch after

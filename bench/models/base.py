@@ -49,6 +49,7 @@ from bench.data import Vocabulary
 from bench.errors import BenchError
 from bench.models.output_layers import build_output_layer
 from bench.schedules import lr_scheduler
+from bench.tasks import LANGUAGE_MODEL, TAGGER
 
 STAGES = ("train", "val", "test")
 LOG_FLOAT_MAX = math.log(np.finfo(np.float64).max)
@@ -80,7 +81,7 @@ class ScoredModel(pl.LightningModule):
     `_start(stage)` and closed by `_end(stage)`, and its optimizer and schedule (hyper-parameters
     `optimizer`, `lr`, `l2`, `schedule`, `decay`, `decay_after`; bench.schedules)."""
 
-    MONITOR, MODE = "val_ppl", "min"  # the validation metric that early stopping, checkpoints and sweeps watch
+    MONITOR, MODE = LANGUAGE_MODEL.monitor, LANGUAGE_MODEL.mode  # what early stopping, checkpoints, sweeps watch
 
     def _start(self, stage: str) -> None:
         raise NotImplementedError
@@ -273,7 +274,7 @@ class Tagger(ScoredModel):
     per-token cross-entropy loss, padding excluded, and span-level precision, recall and F1 of the chunks as
     conlleval counts them (seqeval, micro-averaged over chunk types), and token accuracy."""
 
-    MONITOR, MODE = "val_f1", "max"  # the validation metric that early stopping, checkpoints and sweeps watch
+    MONITOR, MODE = TAGGER.monitor, TAGGER.mode  # what early stopping, checkpoints and sweeps watch
 
     def __init__(self, vocab_size: int, tags: list[str], *, optimizer: str = "adam", lr: float = 1e-3,
                  l2: float = 0.0, schedule: str = "plateau", decay: float = 1.0, decay_after: int = 0):

@@ -102,8 +102,9 @@ class ElmanLM(LanguageModel):
         if self.activation_name == "sigmoid":
             ux, bias, weight, h = ux / 2, bias / 2 + weight.sum(1) / 4, weight / 4, 2 * h - 1
         run = torch.rnn_relu if self.activation_name == "relu" else torch.rnn_tanh
-        states, last = run(ux + bias, h.unsqueeze(0).contiguous(), [identity, weight], False, 1, 0.0, False,
-                           False, True)
+        # keywords as torch's own signature names them; tests/test_models.py pins the result to _unroll's
+        states, last = run(ux + bias, h.unsqueeze(0).contiguous(), [identity, weight], has_biases=False,
+                           num_layers=1, dropout=0.0, train=False, bidirectional=False, batch_first=True)
         if self.activation_name == "sigmoid":
             states, last = (states + 1) / 2, (last + 1) / 2
         return states, last[0]

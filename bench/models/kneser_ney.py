@@ -86,6 +86,14 @@ class KneserNey:
         return _FALLBACK_DISCOUNTS
 
     def fit(self, tokens: np.ndarray) -> KneserNey:
+        tokens = self._checked(tokens)
+        words, position = self._with_sentence_starts(tokens)
+        tables = self._count_tables(tokens, words, position)
+        self._estimate(self._adjusted_counts(tables), tables)
+        self._fitted = True
+        return self
+
+    def _checked(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
         if tokens.ndim != 1:
             raise BenchError(f"tokens must be a 1-D array, got shape {tokens.shape}")
@@ -94,81 +102,84 @@ class KneserNey:
         tokens = tokens.astype(np.int64, copy=False)
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise BenchError(f"token ids must be in 0..{self.vocab_size - 1}")
-        V, R, N = self.vocab_size, self.radix, self.order
+        return tokens
 
-        # One <s> before each sentence; jpos = position within the sentence (-1 for <s>).
+    def _with_sentence_starts(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens with one <s> before each sentence, and each one's position within its sentence (-1
+        for <s>)."""
         start = np.ones(tokens.size, dtype=bool)
         start[1:] = tokens[:-1] == self.eos_id
-        sent = np.cumsum(start) - 1
-        n_sent = int(sent[-1]) + 1
+        sentence = np.cumsum(start) - 1
         first = np.flatnonzero(start)
-        x = np.full(tokens.size + n_sent, self.bos_id, dtype=np.int64)
-        newpos = np.arange(tokens.size) + sent + 1
-        x[newpos] = tokens
-        jpos = np.full(x.size, -1, dtype=np.int64)
-        jpos[newpos] = np.arange(tokens.size) - first[sent]
+        words = np.full(tokens.size + int(sentence[-1]) + 1, self.bos_id, dtype=np.int64)
+        shifted = np.arange(tokens.size) + sentence + 1
+        words[shifted] = tokens
+        position = np.full(words.size, -1, dtype=np.int64)
+        position[shifted] = np.arange(tokens.size) - first[sentence]
+        return words, position
 
-        # Tables, bottom-up. ids[m-1][p] = index of the m-gram ending at position p (-1: none).
-        ids = [x]
-        n_grams = [R]
-        raw = [np.bincount(tokens, minlength=R)]
-        ctx: list[np.ndarray | None] = [None]
-        sfx: list[np.ndarray | None] = [None]
-        bos_first = [np.arange(R) == self.bos_id]
+    def _count_tables(self, tokens: np.ndarray, words: np.ndarray, position: np.ndarray) -> dict:
+        """Per order m (index m-1), bottom-up: how many m-grams, their raw counts, each one's context and
+        suffix as (m-1)-gram indices, and whether it starts with <s>; fills self._keys."""
+        radix = self.radix
+        ids = [words]  # ids[m-1][p]: index of the m-gram ending at position p (-1: none)
+        tables = {"n_grams": [radix], "raw": [np.bincount(tokens, minlength=radix)], "context": [None],
+                  "suffix": [None], "bos_first": [np.arange(radix) == self.bos_id]}
         self._keys = [None]
-        for m in range(2, N + 1):
-            pos = np.flatnonzero(jpos >= m - 2)
-            key = ids[m - 2][pos - 1] * R + x[pos]
-            uniq, inv = np.unique(key, return_inverse=True)
-            idm = np.full(x.size, -1, dtype=np.int64)
-            idm[pos] = inv
-            s = np.empty(uniq.size, dtype=np.int64)
-            s[inv] = ids[m - 2][pos]  # suffix (drop first word) as an (m-1)-gram index
-            c = uniq // R
-            ids.append(idm)
-            n_grams.append(uniq.size)
-            raw.append(np.bincount(inv, minlength=uniq.size))
-            ctx.append(c)
-            sfx.append(s)
-            bos_first.append(bos_first[m - 2][c])
-            self._keys.append(uniq)
+        for m in range(2, self.order + 1):
+            at = np.flatnonzero(position >= m - 2)
+            keys, index = np.unique(ids[m - 2][at - 1] * radix + words[at], return_inverse=True)
+            ids.append(np.full(words.size, -1, dtype=np.int64))
+            ids[-1][at] = index
+            suffix = np.empty(keys.size, dtype=np.int64)
+            suffix[index] = ids[m - 2][at]  # the m-gram less its first word, as an (m-1)-gram index
+            context = keys // radix
+            tables["n_grams"].append(keys.size)
+            tables["raw"].append(np.bincount(index, minlength=keys.size))
+            tables["context"].append(context)
+            tables["suffix"].append(suffix)
+            tables["bos_first"].append(tables["bos_first"][m - 2][context])
+            self._keys.append(keys)
+        return tables
 
-        # Adjusted counts: raw at the top order and for <s>-initial n-grams, else continuation counts.
-        adj: list[np.ndarray] = [None] * N  # type: ignore[list-item]
-        adj[N - 1] = raw[N - 1]
-        for m in range(N - 1, 0, -1):
-            cont = np.bincount(sfx[m], minlength=n_grams[m - 1])
-            adj[m - 1] = np.where(bos_first[m - 1], raw[m - 1], cont)
-        adj[0] = adj[0].copy()
-        adj[0][self.bos_id] = 0
+    def _adjusted_counts(self, tables: dict) -> list[np.ndarray]:
+        """Raw counts at the top order and for <s>-initial n-grams, else continuation counts."""
+        order, raw = self.order, tables["raw"]
+        adjusted: list[np.ndarray] = [None] * order  # type: ignore[list-item]
+        adjusted[order - 1] = raw[order - 1]
+        for m in range(order - 1, 0, -1):
+            continuations = np.bincount(tables["suffix"][m], minlength=tables["n_grams"][m - 1])
+            adjusted[m - 1] = np.where(tables["bos_first"][m - 1], raw[m - 1], continuations)
+        adjusted[0] = adjusted[0].copy()
+        adjusted[0][self.bos_id] = 0
+        return adjusted
 
-        # Probabilities, bottom-up.
+    def _estimate(self, adjusted: list[np.ndarray], tables: dict) -> None:
+        """Discounts, log p of every stored m-gram and log gamma of every context, bottom-up."""
         self.discounts = {}
         self._logp, self._loggamma = [], []
-        lower = np.full(R, 1.0 / V)  # p of the level below (uniform; the <s> slot is never read)
-        for m in range(1, N + 1):
-            a = adj[m - 1]
-            d = self._estimate_discounts(a)
+        lower = np.full(self.radix, 1.0 / self.vocab_size)  # p of the level below (uniform; <s> never read)
+        for m in range(1, self.order + 1):
+            counts = adjusted[m - 1]
+            d = self._estimate_discounts(counts)
             self.discounts[m] = d
-            dvec = np.array([0.0, d[0], d[1], d[2]])[np.minimum(a, 3)]
-            n_ctx = 1 if m == 1 else n_grams[m - 2]
-            c = np.zeros(a.size, dtype=np.int64) if m == 1 else ctx[m - 1]
-            denom = np.bincount(c, weights=a, minlength=n_ctx)
-            mass = np.bincount(c, weights=np.where(a > 0, dvec, 0.0), minlength=n_ctx)
+            discount = np.array([0.0, d[0], d[1], d[2]])[np.minimum(counts, 3)]
+            n_contexts = 1 if m == 1 else tables["n_grams"][m - 2]
+            context = np.zeros(counts.size, dtype=np.int64) if m == 1 else tables["context"][m - 1]
+            denominator = np.bincount(context, weights=counts, minlength=n_contexts)
+            mass = np.bincount(context, weights=np.where(counts > 0, discount, 0.0), minlength=n_contexts)
             with np.errstate(divide="ignore", invalid="ignore"):
-                gamma = np.where(denom > 0, mass / denom, 1.0)
-                u = np.maximum(a - dvec, 0.0) / denom[c]
-            u = np.where(a > 0, u, 0.0)
-            below = lower if m == 1 else lower[sfx[m - 1]]
-            p = u + gamma[c] * below
+                gamma = np.where(denominator > 0, mass / denominator, 1.0)
+                discounted = np.maximum(counts - discount, 0.0) / denominator[context]
+            discounted = np.where(counts > 0, discounted, 0.0)
+            below = lower if m == 1 else lower[tables["suffix"][m - 1]]
+            p = discounted + gamma[context] * below
             if m == 1:
                 p[self.bos_id] = 0.0
             with np.errstate(divide="ignore"):
                 self._logp.append(np.log(p))
                 self._loggamma.append(np.log(gamma))
             lower = p
-        self._fitted = True
-        return self
 
     # ------------------------------------------------------------------ scoring
     def _lookup(self, m: int, prefix: np.ndarray, word: np.ndarray) -> np.ndarray:

@@ -61,13 +61,13 @@ def _is_int(value) -> bool:
 
 def check_classes(classes, vocab_size: int) -> None:
     if not _is_int(classes) or not 1 <= classes <= vocab_size:
-        raise BenchError(f"classes must be between 1 and |V|={vocab_size}, got {classes!r}")
+        raise BenchError(f"classes must be between 1 and |V|={vocab_size}, got {classes!r}", "classes")
 
 
 def check_cutoffs(cutoffs, vocab_size: int) -> None:
     if (not isinstance(cutoffs, (list, tuple)) or not cutoffs or not all(_is_int(c) for c in cutoffs)
             or cutoffs[0] <= 0 or cutoffs[-1] >= vocab_size or any(a >= b for a, b in zip(cutoffs, cutoffs[1:]))):
-        raise BenchError(f"cutoffs must be increasing and below |V|={vocab_size}, got {cutoffs!r}")
+        raise BenchError(f"cutoffs must be increasing and below |V|={vocab_size}, got {cutoffs!r}", "cutoffs")
 
 
 def check_fits_vocabulary(config: dict, vocab_size: int) -> None:
