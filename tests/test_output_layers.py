@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
+from bench.models import output_layers
 from bench.models.output_layers import OUTPUT_LAYERS, ClassSoftmax, bin_classes, build_output_layer
 
 H = 8
@@ -189,8 +190,10 @@ def loss_and_gradients(layer, hidden, target, weights, forward):
 @pytest.mark.parametrize("classes", [1, 3, 7])
 def test_class_kernels_equal_the_softmax_within_the_class_by_hand(monkeypatch, classes, batched, sparse):
     """Loss and every gradient, float64, against the formula token by token: 60 tokens with a weight each
-    (the incoming gradient), blocks of 4 rows, so that classes span several blocks and tiles."""
+    (the incoming gradient), blocks of 4 rows, so that classes span several blocks and tiles; sparse
+    gradients however many rows the step touches."""
     monkeypatch.setattr(ClassSoftmax, "BLOCK", 4)
+    monkeypatch.setattr(output_layers, "SPARSE_ROWS_BELOW", 1.01)
     layer = build_output_layer("class", H, COUNTS, classes=classes).double()
     torch.manual_seed(3)
     with torch.no_grad():
@@ -238,3 +241,17 @@ def test_class_layer_float32_and_bf16_autocast(batched):
     for name in grads:
         assert low_grads[name].dtype == torch.float32
         torch.testing.assert_close(low_grads[name], grads[name], rtol=0, atol=5e-2 * grads[name].abs().max().item())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_sparse_word_rows_only_when_the_step_touches_few(batched):
+    """Below SPARSE_ROWS_BELOW of the vocabulary the word rows' gradient is sparse, above it dense."""
+    layer = make("class C=7").float()
+    layer.batched_products, layer.sparse_rows = batched, True
+    widths = layer.class_start.diff()
+    narrow = int(torch.nonzero((widths > 1) & (widths < output_layers.SPARSE_ROWS_BELOW * V))[0])
+    hidden = torch.randn(V, H)
+    for target, sparse in ((layer.class_start[narrow].repeat(V), True), (torch.arange(V), False)):
+        layer.zero_grad(set_to_none=True)
+        layer(hidden, target).sum().backward()
+        assert layer.word_decoder.weight.grad.is_sparse == layer.word_decoder.bias.grad.is_sparse == sparse
