@@ -5,7 +5,7 @@ import torch
 
 from bench.config import make_config, model_arguments
 from bench.data import Corpus, LanguageModelData, Vocabulary, load_corpus
-from bench.models import REGISTRY, base
+from bench.models import REGISTRY, base, output_layers
 from bench.models.elman import ElmanLM
 from bench.models.plugins import model_names, model_spec
 
@@ -170,3 +170,102 @@ def test_each_module_logs_the_metric_its_task_is_selected_on(name):
     spec = model_spec(name)
     assert spec.module.MONITOR == spec.monitor and spec.metric.endswith(spec.monitor.removeprefix("val_"))
     assert spec.module.MODE == {"minimize": "min", "maximize": "max"}[spec.direction]
+
+
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def sgd_step(model: ElmanLM, optimizer, batch, clip: float) -> torch.Tensor:
+    """One training step as Lightning runs it: the host-side batch hook, training_step, backward, clipping,
+    SGD step."""
+    batch = model.on_before_batch_transfer(batch, 0)
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    model.configure_gradient_clipping(optimizer, clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+def class_lm(output: str = "class", **options) -> ElmanLM:
+    """An RNN over 40 words, with 6 classes, SGD and bptt_context 2 unless `options` say otherwise."""
+    vocab = Vocabulary(words=["<eos>", *(f"w{i}" for i in range(39))], counts=np.arange(40, 0, -1) ** 2)
+    torch.manual_seed(0)
+    options = {"optimizer": "sgd", "lr": 0.5, **({"classes": 6} if output == "class" else {}), **options}
+    return ElmanLM(vocab, hidden_size=8, bptt_context=2, output=output, **options)
+
+
+def stream_batch(seed: int, streams: int = 3, steps: int = 4):
+    words = torch.randint(0, 40, (streams, steps + 1), generator=torch.Generator().manual_seed(seed))
+    return words[:, :-1], words[:, 1:], torch.ones(streams, steps, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0])  # clipping on (the norm is above 0.05) and off
+def test_sparse_sgd_step_equals_the_dense_step(monkeypatch, clip):
+    """After one SGD step (with bptt_context: the context words' embeddings too), the model with sparse
+    gradients for the input embeddings and the class layer's word rows holds the dense model's weights to
+    1e-6, on the rows the step touched and on the others, which did not move."""
+    monkeypatch.setattr(output_layers, "SPARSE_ROWS_BELOW", 1.01)  # sparse however many rows are touched
+    sparse, dense = class_lm(), class_lm()
+    dense.input.sparse, dense.output.sparse_rows = False, False
+    assert sparse.output.sparse_rows and sparse.input.sparse
+    before = {name: p.detach().clone() for name, p in sparse.named_parameters()}
+    for model in (sparse, dense):
+        model._start("train")
+        sgd_step(model, base.make_optimizer(model, "sgd", 0.5), stream_batch(0), clip)
+    inputs, targets, _ = stream_batch(0)
+    touched_classes = torch.unique(sparse.output.word_class[targets])
+    word_rows = torch.isin(sparse.output.word_class, touched_classes)
+    word_rows &= (sparse.output.class_start.diff() > 1)[sparse.output.word_class]
+    touched = {"input.weight": torch.isin(torch.arange(40), inputs.contiguous()),
+               "output.word_decoder.weight": word_rows, "output.word_decoder.bias": word_rows}
+    for name, p in sparse.named_parameters():
+        q = dict(dense.named_parameters())[name]
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        if name in touched:
+            rows = touched[name]
+            assert 0 < rows.sum() < len(rows)
+            assert torch.equal(p[~rows], before[name][~rows])  # untouched rows: exactly where they were
+            assert (p[rows] != before[name][rows]).any(dim=-1 if p.dim() > 1 else 0).all()
+            torch.testing.assert_close(p[rows], q[rows], rtol=0, atol=1e-6)
+
+
+def test_l2_and_adam_keep_the_dense_word_rows():
+    """Sparse word rows under SGD without L2 only: L2 decays every row every step, Adam moves every row."""
+    for model, sparse in ((class_lm(), True), (class_lm(l2=1e-4), False), (class_lm(optimizer="adam"), False)):
+        assert model.output.sparse_rows == sparse
+        assert {id(p) for p in base.sparse_parameters(model)} == (
+            {id(model.input.weight), id(model.output.word_decoder.weight), id(model.output.word_decoder.bias)}
+            if sparse else {id(model.input.weight)} if model.hparams.optimizer == "sgd" else set())
+
+
+@pytest.mark.parametrize("output", ["class", "full"])
+def test_training_steps_never_ask_the_host(monkeypatch, output):
+    """Five training steps (loss, backward, clipping, SGD) call none of the Tensor methods that copy to the
+    host or wait for the device; the batch hook (host data, before the transfer) is left out. The
+    epoch's perplexity then reads the sums once, and equals the mean of the five losses."""
+    model = class_lm(output)
+    optimizer = base.make_optimizer(model, "sgd", 0.5)
+    model._start("train")
+    calls = []
+    batches = [model.on_before_batch_transfer(stream_batch(seed), 0) for seed in range(5)]
+    batches = [(*b[:2], b[2].clone(), *b[3:]) for b in batches]
+    batches[-1][2][-1, -2:] = False  # padding in the last batch, as at the end of a split
+    losses = []
+    with monkeypatch.context() as patch:
+        for method in SYNC_METHODS:
+            original = getattr(torch.Tensor, method)
+            patch.setattr(torch.Tensor, method, lambda self, *a, _m=method, _f=original, **k: (calls.append(_m),
+                                                                                              _f(self, *a, **k))[1])
+        for i, batch in enumerate(batches):
+            loss = model.training_step(batch, i)
+            loss.backward()
+            model.configure_gradient_clipping(optimizer, 0.1)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+    assert calls == []
+    total, count = model._sums["train"]
+    counts = torch.tensor([b[2].sum() for b in batches])
+    assert int(count) == int(counts.sum()) == 5 * 12 - 2
+    assert float(total) == pytest.approx(float((torch.stack(losses).double() * counts).sum()), rel=1e-6)

@@ -1,10 +1,13 @@
 """Output layers: exact normalisation, forward == -log_probs[target], class binning, gradients, options."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from bench.errors import BenchError
+from bench.models import output_layers
 from bench.models.output_layers import OUTPUT_LAYERS, ClassSoftmax, bin_classes, build_output_layer
 
 H = 8
@@ -158,3 +161,98 @@ def test_bad_options(kind, options, message):
     with pytest.raises(BenchError) as error:
         build_output_layer(kind, H, COUNTS, **options)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def class_nll_by_hand(layer: ClassSoftmax, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(target) from the class softmax's definition: the full class softmax, then the full softmax
+    over the target class's words, each token on its own (the reference for the layer's kernels)."""
+    nll = []
+    for h, w in zip(hidden, target.tolist()):
+        c = int(layer.word_class[w])
+        first, end = int(layer.class_start[c]), int(layer.class_start[c + 1])
+        class_lp = torch.log_softmax(layer.class_decoder(h), -1)[c]
+        word_lp = torch.log_softmax(layer.word_decoder.weight[first:end] @ h + layer.word_decoder.bias[first:end],
+                                    -1)[w - first]
+        nll.append(-(class_lp + word_lp))
+    return torch.stack(nll)
+
+
+def loss_and_gradients(layer, hidden, target, weights, forward):
+    hidden = hidden.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    loss = (forward(layer, hidden, target) * weights).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return loss.detach(), hidden.grad, grads
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("classes", [1, 3, 7])
+def test_class_kernels_equal_the_softmax_within_the_class_by_hand(monkeypatch, classes, batched, sparse):
+    """Loss and every gradient, float64, against the formula token by token: 60 tokens with a weight each
+    (the incoming gradient), blocks of 4 rows, so that classes span several blocks and tiles; sparse
+    gradients however many rows the step touches."""
+    monkeypatch.setattr(ClassSoftmax, "BLOCK", 4)
+    monkeypatch.setattr(output_layers, "SPARSE_ROWS_BELOW", 1.01)
+    layer = build_output_layer("class", H, COUNTS, classes=classes).double()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(0.0, 1.0)
+    layer.batched_products, layer.sparse_rows = batched, sparse
+    hidden, target = inputs(60, seed=4)
+    weights = torch.rand(60, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    loss, grad_hidden, grads = loss_and_gradients(layer, hidden, target, weights, lambda m, h, t: m(h, t))
+    ref_loss, ref_hidden, ref_grads = loss_and_gradients(layer, hidden, target, weights, class_nll_by_hand)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad_hidden, ref_hidden, rtol=0, atol=1e-10)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name].to_dense(), ref_grads[name], rtol=0, atol=1e-10)
+    assert grads["word_decoder.weight"].is_sparse == grads["word_decoder.bias"].is_sparse == sparse
+    if sparse:  # the rows of the classes present, and only those
+        present = torch.unique(layer.word_class[target])
+        rows = torch.cat([torch.arange(layer.class_start[c], layer.class_start[c + 1]) for c in present
+                          if layer.class_start[c + 1] - layer.class_start[c] > 1])
+        assert torch.equal(grads["word_decoder.weight"].coalesce().indices()[0], rows)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_class_layer_float32_and_bf16_autocast(batched):
+    """float32 to 1e-6 of the float64 formula; under bf16 autocast the products run in bf16 (8 bits of
+    mantissa) and the logits, loss and gradients stay float32, within bf16's rounding of the float32 ones."""
+    layer = make("class C=7").float()
+    layer.batched_products = batched
+    hidden, target = inputs(60, seed=6)
+    hidden = hidden.float()
+    weights = torch.ones(60)
+    loss, grad_hidden, grads = loss_and_gradients(layer, hidden, target, weights, lambda m, h, t: m(h, t))
+    ref_loss, _, ref_grads = loss_and_gradients(copy.deepcopy(layer).double(), hidden.double(), target,
+                                                weights.double(), class_nll_by_hand)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name].double(), ref_grads[name], rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_loss, low_hidden, low_grads = loss_and_gradients(layer, hidden, target, weights,
+                                                             lambda m, h, t: m(h, t))
+    assert low_loss.dtype == torch.float32 and low_hidden.dtype == torch.float32
+    assert not torch.equal(low_loss, loss)  # the products did run in bf16
+    torch.testing.assert_close(low_loss, loss, rtol=2e-2, atol=0)
+    torch.testing.assert_close(low_hidden, grad_hidden, rtol=0, atol=5e-2 * grad_hidden.abs().max().item())
+    for name in grads:
+        assert low_grads[name].dtype == torch.float32
+        torch.testing.assert_close(low_grads[name], grads[name], rtol=0, atol=5e-2 * grads[name].abs().max().item())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_sparse_word_rows_only_when_the_step_touches_few(batched):
+    """Below SPARSE_ROWS_BELOW of the vocabulary the word rows' gradient is sparse, above it dense."""
+    layer = make("class C=7").float()
+    layer.batched_products, layer.sparse_rows = batched, True
+    widths = layer.class_start.diff()
+    narrow = int(torch.nonzero((widths > 1) & (widths < output_layers.SPARSE_ROWS_BELOW * V))[0])
+    hidden = torch.randn(V, H)
+    for target, sparse in ((layer.class_start[narrow].repeat(V), True), (torch.arange(V), False)):
+        layer.zero_grad(set_to_none=True)
+        layer(hidden, target).sum().backward()
+        assert layer.word_decoder.weight.grad.is_sparse == layer.word_decoder.bias.grad.is_sparse == sparse

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from bench.data import Vocabulary
 from bench.errors import BenchError
-from bench.models.output_layers import build_output_layer
+from bench.models.output_layers import ClassSoftmax, build_output_layer
 from bench.schedules import lr_scheduler
 from bench.tasks import LANGUAGE_MODEL, TAGGER
 
@@ -117,15 +117,19 @@ class ScoredModel(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Scale the gradients down to a total norm of `clip` when they exceed it (the Trainer's
         gradient_clip_val). By hand, because torch's clip_grad_norm_ refuses the sparse gradients of the
-        embeddings, and multiplies every gradient every step even when the norm is below the limit."""
+        embeddings and the class layer's word rows. A sparse gradient's norm is that of its rows, which is the
+        dense gradient's norm: clipping is the same either way. The factor stays on the device (1 below the
+        limit), so clipping asks the host nothing."""
         if not gradient_clip_val:
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
         norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
-        if total > gradient_clip_val:
-            for g in grads:
-                g.mul_(gradient_clip_val / (float(total) + 1e-6))
+        total = torch.linalg.vector_norm(torch.stack(norms)).double()
+        scale = torch.where(total > gradient_clip_val, gradient_clip_val / (total + 1e-6), 1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
 
 
 class LanguageModel(ScoredModel):
@@ -145,9 +149,15 @@ class LanguageModel(ScoredModel):
         self.sparse_embeddings = optimizer == "sgd"
         # output_size None: the model computes its probabilities itself (the n-gram model)
         self.output = output_size and build_output_layer(output, output_size, vocab.counts, **output_options)
+        # The class layer's word rows likewise, under SGD without L2: there the rows a step does not touch
+        # do not move, so the sparse step is the dense one. L2 decays every row every step, and Adam moves
+        # every row with its moments: both keep the dense gradient, and their mathematics (make_optimizer).
+        if isinstance(self.output, ClassSoftmax):
+            self.output.sparse_rows = optimizer == "sgd" and not l2
         # per scoring stage, every chunk as (inputs, targets, mask, -log p, state after it)
         self._scored: dict[str, list[tuple]] = {}
         self._state = dict.fromkeys(STAGES)
+        # per stage, the summed -log p and the token count of the pass; the training pass's stay on the device
         self._sums = {stage: [0.0, 0] for stage in STAGES}
         # Exact (float64) perplexity of every scoring pass, per stage; self.log rounds to float32.
         self.perplexities: dict[str, list[float]] = {stage: [] for stage in STAGES}
@@ -172,24 +182,33 @@ class LanguageModel(ScoredModel):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.perplexities = checkpoint.get("perplexities", self.perplexities)
 
-    def nll(self, inputs: torch.Tensor, targets: torch.Tensor, state):
-        """-log p(target) for every position (B, T), and the state after the chunk."""
+    def nll(self, inputs: torch.Tensor, targets: torch.Tensor, state, plan=None):
+        """-log p(target) for every position (B, T), and the state after the chunk. `plan`: what the output
+        layer worked out from the targets on the host (on_before_batch_transfer), if it needs anything."""
         hidden, state = self(inputs, state)
-        nll = self.output(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+        hidden, targets_flat = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        nll = self.output(hidden, targets_flat) if plan is None else self.output(hidden, targets_flat, plan)
         return nll.view_as(targets), state
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A batch (inputs, targets, mask) gets the output layer's plan of its targets, made on the host where
+        the targets are, so that the step needs no host copy of them (bench.models.output_layers.ClassPlan)."""
+        plan = getattr(self.output, "plan", None)
+        return batch if plan is None or len(batch) != 3 else (*batch, plan(batch[1].reshape(-1)))
+
     def _step(self, stage: str, batch) -> torch.Tensor:
-        inputs, targets, mask = batch
+        inputs, targets, mask, *plan = batch
         state = self._state[stage]
         state = self.init_state(inputs.shape[0]) if state is None else detach(state)
-        nll, self._state[stage] = self.nll(inputs, targets, state)
+        nll, self._state[stage] = self.nll(inputs, targets, state, *plan)
         if stage != "train":  # summed once the streams are joined (_end)
             self._scored[stage].append((inputs, targets, mask, nll.detach(), detach(self._state[stage])))
             return None
-        sums = self._sums[stage]
-        sums[0] += nll.detach()[mask].double().sum().item()
-        sums[1] += int(mask.sum())
-        return nll[mask].mean()
+        # Without a host sync: where, not nll[mask] (a size the host must know), and the sums stay tensors.
+        sums, count = self._sums[stage], mask.sum()
+        sums[0] = sums[0] + torch.where(mask, nll.detach().double(), 0.0).sum()
+        sums[1] = sums[1] + count
+        return torch.where(mask, nll, 0.0).sum() / count
 
     def _join_streams(self, stage: str) -> None:
         """Re-score the start of every stream after the first from the previous stream's last state, until
@@ -217,7 +236,9 @@ class LanguageModel(ScoredModel):
             self._join_streams(stage)
             nll, mask = self._scored_stream(stage)
             self._sums[stage] = [float(nll[mask].double().sum()), int(mask.sum())]
-        total, count = self._sums[stage]
+        total, count = float(self._sums[stage][0]), int(self._sums[stage][1])
+        if stage == "train" and not math.isfinite(total):
+            raise FloatingPointError(f"training loss became {total / max(count, 1)} in epoch {self.current_epoch}")
         if count:
             # a diverged run's cross-entropy overflows exp: its perplexity is inf, without numpy's warning
             perplexity = math.exp(total / count) if total / count < LOG_FLOAT_MAX else math.inf
@@ -225,10 +246,9 @@ class LanguageModel(ScoredModel):
             self.log(f"{stage}_ppl", perplexity, prog_bar=stage != "test")
 
     def training_step(self, batch, batch_idx):
-        loss = self._step("train", batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at batch {batch_idx}")
-        return loss
+        """The step's mean -log p. A non-finite loss is caught at the end of the epoch, from the summed loss
+        (_end), not here: checking every step would make the host wait for the device every step."""
+        return self._step("train", batch)
 
     def validation_step(self, batch, batch_idx):
         self._step("val", batch)
@@ -294,13 +314,13 @@ class Tagger(ScoredModel):
         return nll, mask, logits
 
     def training_step(self, batch, batch_idx):
+        """The step's mean -log p; the sums stay on the device, and a non-finite loss is caught from them at
+        the end of the epoch (as LanguageModel's)."""
         nll, mask, _ = self.token_nll(*batch)
-        loss = nll.sum() / mask.sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at batch {batch_idx}")
-        self._train_loss[0] += nll.detach().double().sum().item()
-        self._train_loss[1] += int(mask.sum())
-        return loss
+        count = mask.sum()
+        self._train_loss[0] = self._train_loss[0] + nll.detach().double().sum()
+        self._train_loss[1] = self._train_loss[1] + count
+        return nll.sum() / count
 
     def _score_batch(self, stage: str, batch) -> None:
         words, tags, lengths = batch
@@ -331,7 +351,9 @@ class Tagger(ScoredModel):
         self._train_loss = [0.0, 0]
 
     def on_train_epoch_end(self):
-        total, count = self._train_loss
+        total, count = float(self._train_loss[0]), int(self._train_loss[1])
+        if not math.isfinite(total):
+            raise FloatingPointError(f"training loss became {total / max(count, 1)} in epoch {self.current_epoch}")
         if count:
             self.log("train_loss", total / count, prog_bar=True)
 
@@ -344,10 +366,21 @@ class Tagger(ScoredModel):
                 "test_accuracy": test["accuracy"], "valid_f1_per_epoch": [s["f1"] for s in self.scores["val"][:epochs]]}
 
 
+def sparse_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of `module` whose gradients are sparse: the input embeddings under SGD, and the class
+    layer's word rows under SGD without L2 (LanguageModel)."""
+    return [p for m in module.modules()
+            for p in (m.parameters() if isinstance(m, torch.nn.Embedding) and m.sparse
+                      else m.sparse_parameters() if isinstance(m, ClassSoftmax) else ())]
+
+
 def make_optimizer(module: pl.LightningModule, name: str, lr: float, l2: float = 0.0) -> torch.optim.Optimizer:
     """SGD or Adam over the module's parameters, with L2 weight decay `l2` (rnnlm's -beta) on the dense ones:
-    torch's SGD takes no weight decay with sparse gradients (the input embeddings under SGD)."""
-    sparse = [p for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
+    torch's SGD takes no weight decay with sparse gradients. So under SGD the input embeddings get no L2, as
+    before; the class layer's word rows are sparse only without L2 (LanguageModel), so they always get it.
+    A sparse SGD step moves the rows the step touched, and only those: with no L2 and no momentum it is the
+    dense step, whose other rows' gradients are zero."""
+    sparse = sparse_parameters(module)
     dense = [p for p in module.parameters() if all(p is not q for q in sparse)]
     groups = [{"params": dense, "weight_decay": l2}] + ([{"params": sparse, "weight_decay": 0.0}] if sparse else [])
     if name == "sgd":

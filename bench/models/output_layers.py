@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -116,63 +117,191 @@ def bin_classes(counts: np.ndarray, classes: int, binning: str = "frequency") ->
     return np.repeat(np.arange(classes), np.diff(np.append(starts, vocab_size)))
 
 
-class WithinClassNLL(torch.autograd.Function):
-    """-log p(w | c(w), h) for tokens sorted by class: one (n_c x H) @ (H x |c|) product per class present.
+def _product_dtypes(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtype of the within-class products (autocast's, when it is on) and of the logits (float32 or
+    better): the layer casts by hand, as autocast has no rule for its custom backward."""
+    device = hidden.device.type
+    product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return product, torch.promote_types(weight.dtype, torch.float32)
 
-    Forward and backward are written out because autograd's version of this loop records about ten
-    operations per class and per step, and a parameter per class costs the optimizer and the gradient
-    clipping several more each; by hand it is one product per class forward and three backward, on one
-    |V| x H matrix, with the log-normalisers of all rows in a few flat operations (measured on PTB,
-    C = 100, hidden 200, 2 threads, 640 tokens a step: a whole training step 12.4 -> 9.5 ms). Untouched
-    classes get zero rows of the dense gradient.
-    """
+
+# A sparse gradient of more rows than this share of the vocabulary is sent dense: autograd drops the coalesced
+# flag, so clipping coalesces it again and scales it through the sparse kernels, which cost more per row than a
+# dense pass (profiled on PTB, 100 classes, 128 streams, nearly every row touched: coalescing and scaling took
+# about 6 ms a step, of about 17). Either way the gradient, and the SGD step, are the same.
+SPARSE_ROWS_BELOW = 0.25
+
+
+def _sparse_rows(sparse: bool, rows: torch.Tensor, weight_shape) -> bool:
+    return sparse and len(rows) < SPARSE_ROWS_BELOW * weight_shape[0]
+
+
+def _row_gradients(rows, row_grad, bias_grad, weight_shape, sparse: bool):
+    """The word rows' gradients from those of the rows `rows` (ascending, distinct): sparse when asked and the
+    rows are few (SPARSE_ROWS_BELOW), else dense with zero rows elsewhere."""
+    if _sparse_rows(sparse, rows, weight_shape):
+        index = rows.unsqueeze(0)
+        return (torch.sparse_coo_tensor(index, row_grad, weight_shape, is_coalesced=True, check_invariants=False),
+                torch.sparse_coo_tensor(index, bias_grad, weight_shape[:1], is_coalesced=True,
+                                        check_invariants=False))
+    return (row_grad.new_zeros(weight_shape).index_copy_(0, rows, row_grad),
+            bias_grad.new_zeros(weight_shape[:1]).index_copy_(0, rows, bias_grad))
+
+
+class ClassSegments(NamedTuple):
+    """A step's targets grouped by class for one product per class present (WithinClassNLL), worked out on
+    the host from the targets alone (ClassSoftmax.plan), so that the step never asks the device for a size.
+    The logits of token i are a row as long as its class, all rows end to end in one flat buffer."""
+
+    tokens: torch.Tensor  # (M,) the scored tokens (class wider than one word), grouped by class
+    classes: tuple  # (first word, end word, first of its tokens, tokens) of each class present, in order
+    rows: torch.Tensor  # (R,) the word rows of the classes present, ascending
+    token_width: torch.Tensor  # (M,) each token's logit row length: its class's size
+    row_of: torch.Tensor  # (L,) the token of each flat logit
+    logit_word: torch.Tensor  # (L,) the word of each flat logit
+    target_at: torch.Tensor  # (M,) each token's target logit in the flat buffer
+
+
+class WithinClassNLL(torch.autograd.Function):
+    """-log p(w | c(w), h) of the plan's tokens, one (n_c x H) @ (H x |c|) product per class present forward
+    and three backward, on slices of the word rows (no copies), the log-normalisers of all rows in a few
+    flat operations. On one CPU thread this beats one batched product over padded blocks
+    (BatchedWithinClassNLL), whose gathers and padding cost more than the loop's calls (PTB, 100 classes,
+    one batch's forward products with their gathers, blocks of 16: 0.8 against 4.2 ms at 32 streams, 2.1
+    against 8.7 at 128; other block widths and tiles were no better)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, word_pos, classes):
-        """hidden (N, H) sorted by class; word_pos (N,) each target's place in its class; classes: (first
-        word, end word, tokens) of each class present, in order. Returns (N,)."""
-        # The logits live in one flat buffer, a row per token as long as its class: the block of class c
-        # is an (n_c x |c|) matrix, and a token's target logit is at its row's start + word_pos.
-        widths, counts = torch.tensor([[end - first, n] for first, end, n in classes], device=hidden.device).T
-        row_width = widths.repeat_interleave(counts)
-        row_end = row_width.cumsum(0)
-        logits = hidden.new_empty(int(row_end[-1]))
-        offset, token = 0, 0
-        for first, end, n in classes:
-            block = logits[offset:offset + n * (end - first)].view(n, end - first)
-            torch.addmm(bias[first:end], hidden[token:token + n], weight[first:end].t(), out=block)
-            offset, token = offset + block.numel(), token + n
-        # log-sum-exp of every row at once, shifted by the row's maximum for stability
-        row_of = torch.arange(len(hidden), device=hidden.device).repeat_interleave(row_width)
-        peak = torch.segment_reduce(logits, "max", lengths=row_width)
-        shifted_exp = (logits - peak[row_of]).exp_()
-        log_norm = torch.segment_reduce(shifted_exp, "sum", lengths=row_width).log_().add_(peak)
-        target_at = row_end - row_width + word_pos
-        ctx.save_for_backward(hidden, weight, logits, log_norm, row_of, target_at)
-        ctx.classes = classes
-        return log_norm - logits[target_at]
+    def forward(ctx, hidden, weight, bias, plan: ClassSegments, sparse: bool):
+        dtype, accumulate = _product_dtypes(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            grouped, low_weight = hidden.to(dtype)[plan.tokens], weight.to(dtype)
+            logits = grouped.new_empty(len(plan.row_of))
+            offset = 0
+            for first, end, token, n in plan.classes:
+                block = logits[offset:offset + n * (end - first)].view(n, end - first)
+                torch.mm(grouped[token:token + n], low_weight[first:end].t(), out=block)
+                offset += block.numel()
+            logits = logits.to(accumulate).add_(bias.to(accumulate)[plan.logit_word])
+            # log-sum-exp of every row at once, shifted by the row's maximum for stability
+            peak = torch.segment_reduce(logits, "max", lengths=plan.token_width)
+            shifted_exp = (logits - peak[plan.row_of]).exp_()
+            log_norm = torch.segment_reduce(shifted_exp, "sum", lengths=plan.token_width).log_().add_(peak)
+        ctx.save_for_backward(grouped, low_weight, logits, log_norm)
+        ctx.plan, ctx.sparse, ctx.shapes = plan, sparse, (hidden.shape, hidden.dtype, weight.shape, weight.dtype)
+        return log_norm - logits[plan.target_at]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         # d nll_i / d logit_ij = softmax_ij - [j = target_i], scaled by the incoming grad_i
-        hidden, weight, logits, log_norm, row_of, target_at = ctx.saved_tensors
-        dlogits = (logits - log_norm[row_of]).exp_().mul_(grad[row_of])
-        dlogits[target_at] -= grad
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight, grad_bias = torch.zeros_like(weight), weight.new_zeros(len(weight))
-        offset, token = 0, 0
-        for first, end, n in ctx.classes:
-            block = dlogits[offset:offset + n * (end - first)].view(n, end - first)
-            torch.mm(block, weight[first:end], out=grad_hidden[token:token + n])
-            torch.mm(block.t(), hidden[token:token + n], out=grad_weight[first:end])
-            torch.sum(block, 0, out=grad_bias[first:end])
-            offset, token = offset + block.numel(), token + n
-        return grad_hidden, grad_weight, grad_bias, None, None
+        grouped, low_weight, logits, log_norm = ctx.saved_tensors
+        plan, (hidden_shape, hidden_dtype, weight_shape, weight_dtype) = ctx.plan, ctx.shapes
+        grad = grad.to(logits.dtype)
+        dlogits = (logits - log_norm[plan.row_of]).exp_().mul_(grad[plan.row_of])
+        dlogits[plan.target_at] -= grad
+        dlogits_low = dlogits.to(grouped.dtype)
+        grad_grouped = torch.empty_like(grouped)
+        # the rows' gradients end to end (sparse), or in place in the dense gradient
+        sparse = _sparse_rows(ctx.sparse, plan.rows, weight_shape)
+        rows = len(plan.rows) if sparse else weight_shape[0]
+        row_grad, bias_grad = grouped.new_zeros(rows, weight_shape[1]), dlogits.new_zeros(rows)
+        offset, row = 0, 0
+        for first, end, token, n in plan.classes:
+            size, at = n * (end - first), row if sparse else first
+            block = dlogits_low[offset:offset + size].view(n, end - first)
+            torch.mm(block, low_weight[first:end], out=grad_grouped[token:token + n])
+            torch.mm(block.t(), grouped[token:token + n], out=row_grad[at:at + end - first])
+            torch.sum(dlogits[offset:offset + size].view(n, end - first), 0, out=bias_grad[at:at + end - first])
+            offset, row = offset + size, row + end - first
+        grad_hidden = grad_grouped.new_zeros(hidden_shape).index_copy_(0, plan.tokens, grad_grouped)
+        row_grad, bias_grad = row_grad.to(weight_dtype), bias_grad.to(weight_dtype)
+        if sparse:
+            row_grad, bias_grad = _row_gradients(plan.rows, row_grad, bias_grad, weight_shape, True)
+        return grad_hidden.to(hidden_dtype), row_grad, bias_grad, None, None
+
+
+class ClassPlan(NamedTuple):
+    """How a step's targets meet the word rows of their classes, worked out on the host from the targets
+    alone (ClassSoftmax.plan), so that the step itself never asks the device for a size.
+
+    Tokens whose class has more than one word are grouped by class into tiles of `tile` tokens, and every
+    class into blocks of `BLOCK` consecutive word rows (the last one padded); a pair is one tile against
+    one block of its class, and the step's within-class logits are one batched product over the pairs,
+    (P, tile, H) @ (P, H, BLOCK). A padded token slot reads token 0 and gets no gradient; a padded column
+    reads the class's last row and gets the logit -inf.
+    """
+
+    tokens: torch.Tensor  # (M,) the scored tokens (class wider than one word), grouped by class
+    token_slot: torch.Tensor  # (M,) each one's place in the flat (tiles x tile) grid
+    tile_tokens: torch.Tensor  # (tiles, tile) the token in each slot (0 in a padded one)
+    pair_tile: torch.Tensor  # (P,) the tile of each pair
+    pair_rows: torch.Tensor  # (P, BLOCK) the word row of each column of each pair
+    pair_mask: torch.Tensor  # (P, BLOCK) 0, or -inf on a padded column
+    pair_slot: torch.Tensor  # (P * BLOCK,) each column's place among `rows`, len(rows) for a padded one
+    rows: torch.Tensor  # (R,) the word rows the step touches, ascending
+    target_at: torch.Tensor  # (M,) each token's target logit in the flat (P, tile, BLOCK) logits
+
+
+class BatchedWithinClassNLL(torch.autograd.Function):
+    """-log p(w | c(w), h) of the plan's tokens: one batched product forward, two backward, whatever the
+    number of classes present (ClassPlan): for devices where a call costs more than a copy (a GPU's kernel
+    launches), and measured slower on one CPU thread (WithinClassNLL).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: ClassPlan, sparse: bool):
+        dtype, accumulate = _product_dtypes(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            tiles = hidden.to(dtype)[plan.tile_tokens][plan.pair_tile]  # (P, tile, H)
+            rows = weight.to(dtype)[plan.pair_rows]  # (P, BLOCK, H)
+            logits = torch.bmm(tiles, rows.transpose(1, 2)).to(accumulate)
+            logits += (bias.to(accumulate)[plan.pair_rows] + plan.pair_mask).unsqueeze(1)
+            # log-sum-exp over each tile's pairs, shifted by the tile's maximum for stability
+            shape = (len(plan.tile_tokens), plan.tile_tokens.shape[1])
+            peak = logits.new_full(shape, -math.inf).index_reduce_(0, plan.pair_tile, logits.amax(2), "amax")
+            total = logits.new_zeros(shape).index_add_(0, plan.pair_tile,
+                                                       (logits - peak[plan.pair_tile].unsqueeze(2)).exp().sum(2))
+            log_norm = total.log_().add_(peak)
+        ctx.save_for_backward(tiles, rows, logits, log_norm)
+        ctx.plan, ctx.sparse, ctx.shapes = plan, sparse, (hidden.shape, hidden.dtype, weight.shape, weight.dtype)
+        return log_norm.view(-1)[plan.token_slot] - logits.view(-1)[plan.target_at]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        # d nll_i / d logit_ij = softmax_ij - [j = target_i], scaled by the incoming grad_i
+        tiles, rows, logits, log_norm = ctx.saved_tensors
+        plan, (hidden_shape, hidden_dtype, weight_shape, weight_dtype) = ctx.plan, ctx.shapes
+        grad = grad.to(logits.dtype)
+        slot_grad = logits.new_zeros(log_norm.numel()).index_copy_(0, plan.token_slot, grad).view_as(log_norm)
+        dlogits = (logits - log_norm[plan.pair_tile].unsqueeze(2)).exp_().mul_(slot_grad[plan.pair_tile].unsqueeze(2))
+        dlogits.view(-1).index_add_(0, plan.target_at, -grad)
+        dlogits_low = dlogits.to(tiles.dtype)
+        tile_grad = tiles.new_zeros(plan.tile_tokens.shape + tiles.shape[2:]).index_add_(
+            0, plan.pair_tile, torch.bmm(dlogits_low, rows))
+        grad_hidden = tiles.new_zeros(hidden_shape).index_add_(0, plan.tile_tokens.view(-1),
+                                                               tile_grad.view(-1, hidden_shape[1]))
+        # every column's gradient summed into its word row; padded columns into a spare last row
+        spare = len(plan.rows) + 1
+        row_grad = torch.bmm(dlogits_low.transpose(1, 2), tiles).view(-1, weight_shape[1])
+        row_grad = row_grad.new_zeros(spare, weight_shape[1]).index_add_(0, plan.pair_slot, row_grad)[:-1]
+        bias_grad = dlogits.new_zeros(spare).index_add_(0, plan.pair_slot, dlogits.sum(1).view(-1))[:-1]
+        grad_weight, grad_bias = _row_gradients(plan.rows, row_grad.to(weight_dtype), bias_grad.to(weight_dtype),
+                                                weight_shape, ctx.sparse)
+        return grad_hidden.to(hidden_dtype), grad_weight, grad_bias, None, None
 
 
 class ClassSoftmax(nn.Module):
-    """Class-factorised softmax: p(w | h) = p(c(w) | h) p(w | c(w), h), classes of contiguous word ids."""
+    """Class-factorised softmax: p(w | h) = p(c(w) | h) p(w | c(w), h), classes of contiguous word ids.
+
+    `sparse_rows` (set by the language model under SGD without L2): the word rows' gradient is sparse, a row
+    per word of the classes a step saw, so the optimizer and the clipping touch those rows only -- when they
+    are few (SPARSE_ROWS_BELOW of the vocabulary). It is the same gradient as the dense one, whose other rows
+    are zero: the step is the same. The class rows get a
+    dense gradient either way, since every class's logit is in every token's normaliser.
+    """
+
+    BLOCK = 16  # word rows per block of a class (ClassPlan)
 
     def __init__(self, hidden_size: int, counts: np.ndarray, classes: int | None = None,
                  class_binning: str = "frequency"):
@@ -188,31 +317,111 @@ class ClassSoftmax(nn.Module):
         self.register_buffer("class_start", torch.from_numpy(class_start))
         self.class_decoder = nn.Linear(hidden_size, classes)
         self.word_decoder = nn.Linear(hidden_size, vocab_size)  # row w scores word w within its class
+        self.sparse_rows = False
+        # None: one batched product on a GPU, one product per class elsewhere (WithinClassNLL says why)
+        self.batched_products: bool | None = None
         # a training token's class size, averaged over the training words (the within-class product's width)
         size = np.diff(class_start)[word_class]
         self.mean_class_size = float((counts * size).sum() / max(counts.sum(), 1))
+        # the plans read the assignment on the host: a copy of the buffers, renewed when they are loaded
+        self._keep_host_copy()
+        self.register_load_state_dict_post_hook(lambda module, _: module._keep_host_copy())
 
-    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _keep_host_copy(self) -> None:
+        self._host = tuple(b.detach().cpu().numpy() for b in (self.word_class, self.word_pos, self.class_start))
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients are sparse."""
+        return list(self.word_decoder.parameters()) if self.sparse_rows else []
+
+    def plan(self, target: torch.Tensor) -> ClassSegments | ClassPlan | None:
+        """How the targets `target` (N,) meet their classes' word rows, from a host copy of them: a
+        ClassPlan for one batched product, or ClassSegments for one product per class (batched_products);
+        None when no target's class has more than one word."""
+        word_class, word_pos, class_start = self._host
+        target = target.cpu().numpy()
+        cls, width = word_class[target], np.diff(class_start)
+        tokens = np.flatnonzero(width[cls] > 1)
+        if not len(tokens):
+            return None
+        tokens = tokens[np.argsort(cls[tokens], kind="stable")]
+        present, first_token, tokens_per_class = np.unique(cls[tokens], return_index=True, return_counts=True)
+        position = word_pos[target[tokens]]
+        batched = self.word_decoder.weight.is_cuda if self.batched_products is None else self.batched_products
+        if batched:
+            return self._batched_plan(tokens, present, first_token, tokens_per_class, position)
+        token_width = width[cls[tokens]]
+        row_start = np.cumsum(token_width) - token_width
+        row_of = np.repeat(np.arange(len(tokens)), token_width)
+        logit_word = class_start[cls[tokens]][row_of] + np.arange(len(row_of)) - row_start[row_of]
+        class_width = width[present]
+        rows = (np.repeat(class_start[present], class_width) + np.arange(class_width.sum())
+                - np.repeat(np.cumsum(class_width) - class_width, class_width))
+        classes = tuple(zip(class_start[present].tolist(), class_start[present + 1].tolist(), first_token.tolist(),
+                            tokens_per_class.tolist()))
+        arrays = dict(tokens=tokens, rows=rows, token_width=token_width, row_of=row_of, logit_word=logit_word,
+                      target_at=row_start + position)
+        return ClassSegments(classes=classes, **{name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+                                                 for name, a in arrays.items()})
+
+    def _batched_plan(self, tokens, present, first_token, tokens_per_class, position) -> ClassPlan:
+        _, _, class_start = self._host
+        width = np.diff(class_start)
+        # tiles as wide as the mean count of a class present, to a power of two (1 at one stream)
+        tile = min(32, 1 << math.ceil(math.log2(len(tokens) / len(present))))
+        tiles = -(-tokens_per_class // tile)
+        blocks = -(-width[present] // self.BLOCK)
+        first_tile, first_block = np.cumsum(tiles) - tiles, np.cumsum(blocks) - blocks
+        # tokens: their class's tiles, in order
+        which = np.repeat(np.arange(len(present)), tokens_per_class)
+        place = np.arange(len(tokens)) - first_token[which]
+        token_tile = first_tile[which] + place // tile
+        token_slot = token_tile * tile + place % tile
+        tile_tokens = np.zeros(tiles.sum() * tile, dtype=np.int64)
+        tile_tokens[token_slot] = tokens
+        # blocks: BLOCK consecutive rows of a class, the last one padded
+        block_class = np.repeat(np.arange(len(present)), blocks)
+        columns = (class_start[present][block_class] + (np.arange(blocks.sum()) - first_block[block_class])
+                   * self.BLOCK)[:, None] + np.arange(self.BLOCK)
+        class_end = class_start[present + 1][block_class][:, None]
+        real = columns < class_end
+        rows = columns[real]
+        slot = np.full(real.shape, len(rows))
+        slot[real] = np.arange(len(rows))
+        # pairs: each tile of a class against each block of it, tile-major
+        pairs = tiles * blocks
+        first_pair = np.cumsum(pairs) - pairs
+        pair_class = np.repeat(np.arange(len(present)), pairs)
+        within = np.arange(pairs.sum()) - first_pair[pair_class]
+        pair_tile = first_tile[pair_class] + within // blocks[pair_class]
+        pair_block = first_block[pair_class] + within % blocks[pair_class]
+        token_pair = first_pair[which] + (token_tile - first_tile[which]) * blocks[which] + position // self.BLOCK
+        target_at = (token_pair * tile + place % tile) * self.BLOCK + position % self.BLOCK
+        arrays = dict(tokens=tokens, token_slot=token_slot, tile_tokens=tile_tokens.reshape(-1, tile),
+                      pair_tile=pair_tile, pair_rows=np.minimum(columns, class_end - 1)[pair_block],
+                      pair_slot=slot[pair_block].reshape(-1), rows=rows, target_at=target_at)
+        plan = {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for name, a in arrays.items()}
+        pair_mask = torch.from_numpy(np.where(real[pair_block], 0.0, -math.inf).astype(np.float32))
+        return ClassPlan(pair_mask=pair_mask, **plan)
+
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor, plan=None) -> torch.Tensor:
         """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,).
 
-        Only the class logits and the logits of the target's class are computed: tokens are grouped by
-        class and each class present costs one (n_c x H) @ (H x |c|) product, so no token pays for the
-        vocabulary or for the largest class.
+        Only the class logits and the logits of the target's class are computed, so no token pays for the
+        vocabulary or for the largest class. `plan` is self.plan(target), made from a host copy of the
+        targets when not given (a device sync where the targets live on a GPU).
         """
         cls = self.word_class[target]
         nll = F.cross_entropy(self.class_decoder(hidden), cls, reduction="none")
+        if plan is None:
+            plan = self.plan(target)
+            plan = plan and type(plan)(*(t.to(hidden.device) if isinstance(t, torch.Tensor) else t for t in plan))
         # In a one-word class p(w | c, h) = 1: those tokens (the most frequent words) need nothing more.
-        sizes = self.class_start[cls + 1] - self.class_start[cls]
-        tokens = torch.nonzero(sizes > 1).squeeze(1)
-        if tokens.numel() == 0:
+        if plan is None:
             return nll
-        tokens = tokens[torch.argsort(cls[tokens], stable=True)]
-        present, tokens_per_class = torch.unique_consecutive(cls[tokens], return_counts=True)
-        classes = list(zip(self.class_start[present].tolist(), self.class_start[present + 1].tolist(),
-                           tokens_per_class.tolist()))
-        word_nll = WithinClassNLL.apply(hidden.index_select(0, tokens), self.word_decoder.weight,
-                                        self.word_decoder.bias, self.word_pos[target[tokens]], classes)
-        return nll.index_add(0, tokens, word_nll)
+        products = BatchedWithinClassNLL if isinstance(plan, ClassPlan) else WithinClassNLL
+        word_nll = products.apply(hidden, self.word_decoder.weight, self.word_decoder.bias, plan, self.sparse_rows)
+        return nll.index_add(0, plan.tokens, word_nll.to(nll.dtype))
 
     def flops_per_token(self) -> float:
         """Multiply-add FLOPs of one token's forward pass: the class logits and its class's word logits."""
