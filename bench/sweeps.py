@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import socket
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -209,11 +210,13 @@ class Objective:
         try:
             config = self.spec.config(self.spec.settings(trial))
             logger, self.wandb_mode = start_wandb_run(self.spec, trial, config, self.wandb_mode)
-            run_dir = self.run_dir(trial)
-            # a worker killed after the run's record was written and before the trial was told: not run again
-            record = (run_dir is not None and finished_record(run_dir, config)) or run_experiment(
+            run_dir, retry = self.run_dir(trial)
+            # Only a retry goes on from its folder: a new trial whose folder holds files (a study of the same name
+            # deleted and started again) starts afresh. A retry's worker killed after the record was written and
+            # before the trial was told: not run again.
+            record = (retry and finished_record(run_dir, config)) or run_experiment(
                 config, data_dir=self.data_dir, logger=logger, callbacks=(pruning,), progress=self.progress,
-                run_dir=run_dir, resume=True, keep=self.keep)
+                run_dir=run_dir, resume=retry, keep=self.keep)
             value = record.get(self.spec.metric)
             if value is None or not math.isfinite(value):
                 raise FloatingPointError(f"{self.spec.metric} is {value} (diverged)")
@@ -236,14 +239,16 @@ class Objective:
         finish_wandb_run(logger, "complete", record)
         return value
 
-    def run_dir(self, trial: optuna.Trial) -> Path | None:
-        """The trial's run folder, named after the trial it retries, if any: a requeued trial (its worker
-        died, or a signal ended it) goes on from the checkpoints of the one it replaces."""
+    def run_dir(self, trial: optuna.Trial) -> tuple[Path | None, bool]:
+        """The trial's run folder, named after the trial it retries, if any, and whether it retries one: a
+        requeued trial (its worker died, or a signal ended it) goes on from the checkpoints of the one it
+        replaces."""
         if self.run_root is None:
-            return None
+            return None, False
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         origin = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-        return self.run_root / self.spec.study / f"trial-{trial.number if origin is None else origin}"
+        folder = self.run_root / self.spec.study / f"trial-{trial.number if origin is None else origin}"
+        return folder, origin is not None
 
     def claim_place(self, trial: optuna.Trial) -> None:
         trial.set_user_attr("worker", this_worker(trial))
@@ -305,8 +310,11 @@ class Worker:
     def report_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         seconds = trial.duration.total_seconds() if trial.duration else 0
-        print(f"trial {trial.number} {trial.state.name}: {describe(trial, self.spec.metric)} | {params} | "
-              f"{seconds:.0f} s", flush=True)
+        # one write of the whole line: the workers share this stream, and print's two writes (the text, then
+        # the newline) let another worker's line fall between them
+        sys.stdout.write(f"trial {trial.number} {trial.state.name}: {describe(trial, self.spec.metric)} | {params} | "
+                         f"{seconds:.0f} s\n")
+        sys.stdout.flush()
 
     def stop_when_full(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if not trials_to_run(study, self.objective.total):

@@ -93,6 +93,25 @@ def offline_wandb(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_a_study_started_again_in_a_new_storage_trains_afresh_over_the_old_run_folders(tmp_path):
+    """Run folders are named by study and trial number: the trials of a new study of the same name must not
+    pick up the finished runs (records, checkpoints) an earlier one left there."""
+    spec = write_spec(tmp_path, TINY.replace("minutes: 0.01", "minutes: 5") + "study: again\nsearch:\n"
+                                "  lr: {type: log-float, low: 0.5, high: 5}\n"
+                                "sampler: {type: random, seed: 1}\npruner: none\ntrials: 2\n")
+    runs = tmp_path / "runs"
+    records = []
+    for storage in (f"sqlite:///{tmp_path}/first.db", f"sqlite:///{tmp_path}/second.db"):
+        assert main(["sweep", str(spec), "--storage", storage, "--no-progress", "--no-wandb", "--run-dir",
+                     str(runs)]) == 0
+        study = optuna.load_study(study_name="again", storage=storage)
+        records.append([t.user_attrs["record"] for t in study.trials])
+    for first, second in zip(*records):
+        assert second["resumed"] == 0 and len(second["curve"]) == 1  # trained from epoch 0, not resumed
+        assert second["test_seconds"] != first["test_seconds"]  # measured again, not the old record
+        assert second["test_ppl"] == pytest.approx(first["test_ppl"], rel=1e-6)  # same seed and settings
+
+
 def test_wandb_is_offline_without_credentials_or_server_online_with_them(offline_wandb, monkeypatch):
     assert wandb_mode() == "offline"
     assert wandb_mode(use_wandb=False) == "disabled"
@@ -308,7 +327,7 @@ trials: 4
     workers_seen = {(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in complete}
     assert len(workers_seen) == 2  # both processes ran trials
     printed = [line for output in outputs for line in output.splitlines() if " COMPLETE: " in line]
-    assert sorted(int(line.split()[1]) for line in printed) == sorted(t.number for t in complete)
+    assert sorted(int(line.split()[1]) for line in printed) == sorted(t.number for t in complete), outputs
 
 
 @pytest.mark.parametrize("path", SHIPPED_SPECS, ids=lambda p: p.name)
