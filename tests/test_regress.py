@@ -143,7 +143,7 @@ def test_a_baseline_made_worse_passes(recorded, tmp_path, monkeypatch):
     def worse(runs):
         for run in runs.values():
             run["quality"] = {k: v * 1.05 for k, v in run["quality"].items()}  # perplexities 5% higher
-            run["speed"]["ratio"] /= 2  # half the throughput
+            run["speed"]["ratio"] /= 4  # a quarter of the throughput: "better" beyond the timing noise of 0.05 s runs
 
     step_summary = tmp_path / "step_summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
@@ -157,7 +157,10 @@ def test_a_baseline_made_worse_passes(recorded, tmp_path, monkeypatch):
 def test_a_baseline_made_better_fails_naming_the_rows(recorded):
     def better(runs):
         runs["ffnn/synthetic"]["quality"]["test_ppl"] *= 0.95  # a perplexity 5% lower than measured
-        runs["kn/synthetic"]["speed"]["ratio"] *= 2  # twice the measured throughput
+        runs["kn/synthetic"]["speed"]["ratio"] *= 4  # four times the measured throughput
+        # 0.05 s speed runs on a shared CI machine moved by -29% and -58% (a failed CI run): the speed figure left
+        # alone is set where such noise cannot make it a regression
+        runs["ffnn/synthetic"]["speed"]["ratio"] /= 4
 
     code, summary, result = run_against(recorded, better, "better")
     assert code == 1 and result["verdict"] == "fail"
