@@ -346,7 +346,7 @@ def read_metric(data: dict, task: Task, configs: list[dict]) -> str:
     if metric not in task.sweep_metrics:
         raise BenchError(f"choose one of {', '.join(task.sweep_metrics)} (validation figures of {task.name} "
                          f"records), got {metric!r}", ("metric",))
-    if metric.startswith("nn_kn") and not all(c.get("kn_order") for c in configs):
+    if metric in task.kn_metrics and not all(c.get("kn_order") for c in configs):
         raise BenchError(f"{metric} needs kn_order > 0 in every trial (fixed: kn_order: 5)", ("metric",))
     return metric
 
