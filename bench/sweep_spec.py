@@ -101,11 +101,8 @@ class SweepSpec:
 def suggest(trial: optuna.trial.BaseTrial, name: str, distribution: BaseDistribution):
     if isinstance(distribution, CategoricalDistribution):
         return trial.suggest_categorical(name, distribution.choices)
-    if isinstance(distribution, IntDistribution):
-        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
-                                 log=distribution.log)
-    return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
-                               log=distribution.log)
+    suggest_number = trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
+    return suggest_number(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
 
 
 def load_spec(path: str | Path, vocab_size: int | None = None) -> SweepSpec:

@@ -270,9 +270,9 @@ def requeue_interrupted(trial: optuna.Trial) -> None:
 def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
     attrs = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
-        record = attrs.get("record") or {}
-        cut = record.get("stopped_by") == "max_minutes"
-        return f"{metric} {trial.value:.2f}" + (f", cut by the minutes budget at epoch {record['epochs']}" if cut
+        speed = RunRecord.from_dict(attrs.get("record") or {}).speed
+        cut = speed.get("stopped_by") == "max_minutes"
+        return f"{metric} {trial.value:.2f}" + (f", cut by the minutes budget at epoch {speed['epochs']}" if cut
                                                 else "")
     if trial.state == TrialState.PRUNED:
         last = attrs.get("last_metrics") or {}
