@@ -37,7 +37,7 @@ from bench.errors import one_line
 from bench.interpolation import tune_interpolation
 from bench.models.kneser_ney import KneserNey
 from bench.models.plugins import model_spec
-from bench.records import plain, read_json, remove_orphaned_temporaries, write_atomically
+from bench.records import RunRecord, plain, read_json, remove_orphaned_temporaries, write_atomically
 from bench.schedules import schedule_callbacks
 from bench.tagging import TaggedCorpus, TaggingData, load_tagged_corpus
 
@@ -222,20 +222,6 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
-    """The roofline a run's achieved GFLOP/s is a fraction of: fp32 matrix-product throughput on `device` now,
-    at the process's thread count -- the best 1024^3 product (in wall time) over `seconds`."""
-    a, b = (torch.randn(1024, 1024, device=device) for _ in range(2))
-    out, best, end = torch.mm(a, b), 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * 1024**3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 class DurableCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoints (torch.save), written by bench.records.write_atomically: Lightning's own write
     (fsspec's transaction, a temporary file moved into place) flushes nothing to disk, so a power loss soon
@@ -319,7 +305,8 @@ def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> tuple[str | No
 
 def finished_record(run_dir: Path, config: dict) -> dict | None:
     """The record of a finished run of `config` in `run_dir`, if there is one."""
-    return read_json(run_dir / "record.json") if read_json(run_dir / "config.json") == plain(config) else None
+    record = read_json(run_dir / "record.json") if read_json(run_dir / "config.json") == plain(config) else None
+    return RunRecord.from_dict(record).to_dict() if record is not None else None
 
 
 def stopped_by(trainer: pl.Trainer, config: dict, callbacks: list) -> str:
@@ -340,31 +327,6 @@ def minutes_to_target(curve: list[tuple[int, float, float]], targets: list[float
     """Per target perplexity, the wall minutes to the first validation at or under it (None: never)."""
     return {f"{target:g}": next((seconds / 60 for _, seconds, value in curve if value <= target), None)
             for target in targets}
-
-
-def efficiency(model: pl.LightningModule, tokens_per_second: float) -> dict:
-    """Achieved training GFLOP/s (the model's FLOPs per token times its speed) beside the matmul roofline
-    measured now in this process, and their ratio; nothing for a model that does not count its FLOPs."""
-    flops = getattr(model, "training_flops_per_token", lambda: None)()
-    if not flops or not tokens_per_second:
-        return {}
-    achieved, roofline = flops * tokens_per_second / 1e9, matmul_gflops(model.device)
-    return {"gflops": achieved, "matmul_gflops": roofline, "roofline_fraction": achieved / roofline}
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A finished run's record by concern, each part built by one function below. `as_dict` is the flat record
-    that everything reads (the store's user attribute "record", record.json, the W&B summary, report rows),
-    its keys in this order."""
-
-    run: dict  # model, corpus
-    quality: dict  # the module's results; language models: NN+KN, the corpus's oracle and unigram, time to target
-    speed: dict  # epochs, what stopped the run, speed and clock figures, the validation curve
-    provenance: dict  # parameters, memory, device, threads, seed, commit, versions, configuration, plugin
-
-    def as_dict(self) -> dict:
-        return {**self.run, **self.quality, **self.speed, **self.provenance}
 
 
 @dataclass
@@ -398,7 +360,7 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         fit = fit_and_test(config, data_dir, folder, label, logger, callbacks, progress, resume)
     record = RunRecord(run={"model": config["model"], "corpus": config["corpus"]},
                        quality=quality_figures(fit, config, data_dir), speed=speed_figures(fit),
-                       provenance=provenance(fit.model, config, commit)).as_dict()
+                       provenance=provenance(fit.model, config, commit)).to_dict()
     if run_dir is not None:
         write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))
         for name in {"best.ckpt", "last.ckpt"} - set(CHECKPOINTS[keep]):
@@ -453,18 +415,17 @@ def quality_figures(fit: FinishedFit, config: dict, data_dir: str | None) -> dic
 
 def speed_figures(fit: FinishedFit) -> dict:
     """Epochs trained (a fraction when a budget cut the last one short), what stopped the run, and the speed
-    figures of the training steps, the wall clock, the validation curve and the test pass."""
+    figures of the training steps (the raw counts: tokens and seconds), the wall clock, the validation curve and
+    the test pass."""
     speed, trained = fit.speed, len(fit.speed.train_seconds)
-    tokens_per_second = speed.train_tokens / max(sum(speed.train_seconds), 1e-9)
     batches_per_epoch = fit.trainer.num_training_batches
     epochs = speed.train_batches / batches_per_epoch if batches_per_epoch else trained
     return {
         # whole epochs, or the fraction trained when a budget cut the last one short
         "epochs": trained if speed.train_batches == trained * batches_per_epoch else round(epochs, 3),
+        "train_tokens": speed.train_tokens,
+        "train_seconds": sum(speed.train_seconds),
         "stopped_by": fit.stopped_by,
-        "tokens_per_second": tokens_per_second,
-        **efficiency(fit.model, tokens_per_second),
-        "minutes_per_epoch": sum(speed.train_seconds) / max(epochs, 1e-9) / 60 if trained else 0.0,
         "wall_minutes": speed.wall_seconds() / 60,
         "curve": [{"epoch": epoch, "wall_minutes": seconds / 60, fit.model.MONITOR: value}
                   for epoch, seconds, value in speed.curve],

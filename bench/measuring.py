@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from bench.errors import BenchError
+from bench.records import RunRecord
 from bench.regress import MEASURING_ENV, THREADS
 from bench.tasks import TASKS
 
@@ -73,9 +74,8 @@ def timed_training(config: dict, min_seconds: float, data_dir: str | None) -> tu
     tokens = seconds = 0.0
     while seconds < min_seconds:
         clock = StepClock()
-        record = run_experiment(config, data_dir=data_dir, progress=False, callbacks=(clock,))
-        # the tokens the harness counted: its tokens/s times its timed seconds (minutes per epoch x epochs)
-        tokens += record["tokens_per_second"] * record["minutes_per_epoch"] * 60 * record["epochs"]
+        record = RunRecord.from_dict(run_experiment(config, data_dir=data_dir, progress=False, callbacks=(clock,)))
+        tokens += record.speed["train_tokens"]
         seconds += clock.seconds
     return tokens, seconds
 

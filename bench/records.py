@@ -1,4 +1,5 @@
-"""Run records as plain JSON: what the store keeps as trial attributes and a run folder as record.json."""
+"""Run records (RunRecord) and plain JSON: what the store keeps as trial attributes and a run folder as
+record.json."""
 
 from __future__ import annotations
 
@@ -6,9 +7,64 @@ import contextlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.errors import BenchError
+
+RUN_KEYS = ("model", "corpus")
+SPEED_KEYS = ("epochs", "train_tokens", "train_seconds", "stopped_by", "wall_minutes", "curve", "resumed",
+              "recovered_from", "test_seconds")
+RATE_KEYS = ("tokens_per_second", "minutes_per_epoch")  # derived from the raw counts; stored before they were
+PROVENANCE_KEYS = ("parameters", "peak_memory_mb", "device", "threads", "seed", "git_commit", "versions", "config",
+                   "plugin")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run's record by concern, and the one way a record is written and read: `to_dict` is the flat
+    record the store's user attribute "record", record.json, the W&B summary and report rows hold; `from_dict`
+    reads one back, whatever it holds (a key of no known concern is a quality figure).
+
+    The speed part carries the raw counts -- epochs trained, training tokens and seconds (steps only) -- and
+    the rates tokens/s and minutes/epoch follow from them. A record stored before it carried the counts keeps
+    the rates it stored."""
+
+    run: dict  # model, corpus
+    quality: dict  # the module's results; language models: NN+KN, the corpus's oracle and unigram, time to target
+    speed: dict  # SPEED_KEYS: the raw counts, what stopped the run, clock figures, the validation curve
+    provenance: dict  # parameters, memory, device, threads, seed, commit, versions, configuration, plugin
+
+    @property
+    def has_counts(self) -> bool:
+        return self.speed.get("train_seconds") is not None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if not self.has_counts:
+            return self.speed.get("tokens_per_second")
+        return self.speed["train_tokens"] / max(self.speed["train_seconds"], 1e-9)
+
+    @property
+    def minutes_per_epoch(self) -> float | None:
+        """Training minutes per epoch (of the stored epochs: a fraction when a budget cut the last one short)."""
+        if not self.has_counts:
+            return self.speed.get("minutes_per_epoch")
+        return self.speed["train_seconds"] / self.speed["epochs"] / 60 if self.speed["epochs"] else 0.0
+
+    def to_dict(self) -> dict:
+        rates = {"tokens_per_second": self.tokens_per_second, "minutes_per_epoch": self.minutes_per_epoch}
+        return {**self.run, **self.quality, **self.speed, **(rates if self.has_counts else {}), **self.provenance}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> RunRecord:
+        counted = record.get("train_seconds") is not None
+        speed_keys = SPEED_KEYS if counted else (*SPEED_KEYS, *RATE_KEYS)
+        known = (*RUN_KEYS, *SPEED_KEYS, *RATE_KEYS, *PROVENANCE_KEYS)
+        return cls(run={k: v for k, v in record.items() if k in RUN_KEYS},
+                   quality={k: v for k, v in record.items() if k not in known},
+                   speed={k: v for k, v in record.items() if k in speed_keys},
+                   provenance={k: v for k, v in record.items() if k in PROVENANCE_KEYS})
 
 
 def plain(value):

@@ -34,7 +34,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.papers import PAPER_TABLE2, PAPER_TABLE3, TABLE2_ROWS, corpora_ptb_first
-from bench.records import check_writable
+from bench.records import RunRecord, check_writable
 from bench.redact import redact
 from bench.report_pages import clear_previous_report, write_pages, write_tables
 from bench.report_plots import PERPLEXITY, SPEED, draw_plots
@@ -74,9 +74,9 @@ def load_runs(storage_url: str | None = None, studies: list[str] | None = None) 
         if "user_attrs_record" not in trials:
             continue
         for trial in trials[trials["state"] == "COMPLETE"].itertuples():
-            record = trial.user_attrs_record
-            if not isinstance(record, dict):
+            if not isinstance(trial.user_attrs_record, dict):
                 continue
+            record = RunRecord.from_dict(trial.user_attrs_record).to_dict()
             config = record.get("config") or {}
             output = config.get("output", "")
             task = record_task(record).name

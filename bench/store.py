@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from bench.adapters import JournalFile
 from bench.errors import BenchError, RunFailed
-from bench.records import plain
+from bench.records import RunRecord, plain
 from bench.redact import redact
 from bench.tasks import metric_task
 
@@ -200,6 +200,7 @@ def open_record_study(storage, study_name: str, metric: str) -> optuna.Study:
 
 
 def record_attributes(record: dict) -> dict:
-    """A trial's user attributes for the run `record`: all of it as "record", plus the SUMMARY_KEYS columns."""
-    record = plain(record)
+    """A trial's user attributes for the run `record` (RunRecord.to_dict): all of it as "record", plus the
+    SUMMARY_KEYS columns."""
+    record = plain(RunRecord.from_dict(record).to_dict())
     return {"record": record, **{k: record.get(k) for k in SUMMARY_KEYS}}

@@ -1,26 +1,20 @@
 """Sweep specs (sweeps/*.yaml): read, check whole, and turn into the samplers, pruners and configs of a study.
 
-A spec names the study, the model and corpus, the metric and its direction, fixed hyper-parameters, either a
-search space (float / log-float / int / log-int / categorical) or a grid, the sampler, the pruner, the number
-of trials and each trial's budget (bench.spec_schema.FIELDS, README "Sweeps"). A grid is a mapping of lists
-(their cartesian product, Optuna's GridSampler over those parameters) or a list of such mappings (the union
-of their products: configurations that are not one product, e.g. class counts plus the full softmax; the
-GridSampler then runs over one parameter, "configuration", whose values name the points).
-
-Everything is checked on load, before a study is opened: each key's value (bench.spec_schema), then every
-configuration the spec can produce -- each grid point, each combination of the search space's bounds and
-choices -- through bench.config.make_config. A mistake is a BenchError carrying the spec key it is about,
-which load_spec turns into the file, the line and the key.
+A grid is a mapping of lists (their product, Optuna's GridSampler over those parameters) or a list of such
+mappings (the union of their products; the GridSampler then runs over one parameter, "configuration", whose
+values name the points). Everything is checked on load, before a study is opened: each key's value
+(bench.spec_schema), then every configuration the spec can produce -- each grid point, each combination of the
+search space's bounds and choices -- through bench.config.make_config. A mistake is a BenchError carrying the
+spec key it is about, which load_spec turns into the file, the line and the key.
 """
 
 from __future__ import annotations
 
-import ast
 import inspect
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +25,9 @@ from bench.config import make_config
 from bench.errors import BenchError
 from bench.models.output_layers import check_fits_vocabulary
 from bench.models.plugins import model_names, model_spec
-from bench.spec_schema import BUDGET, check_fields, check_own_key, is_number, parse_yaml
+from bench.spec_schema import BUDGET, check_fields, is_count, is_number, own_key_problem, parse_yaml
 from bench.store import MAX_RETRY
-from bench.tasks import LANGUAGE_MODEL, TASKS, Task
+from bench.tasks import LANGUAGE_MODEL, TASKS
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "grid": optuna.samplers.GridSampler}
@@ -73,7 +67,7 @@ class SweepSpec:
 
     @property
     def grid_size(self) -> int | None:
-        return len(list(itertools.product(*self.grid_space.values()))) if self.grid_space else None
+        return math.prod(map(len, self.grid_space.values())) if self.grid_space else None
 
     def settings(self, trial: optuna.trial.BaseTrial) -> dict:
         """The trial's hyper-parameters (model included) drawn from the search space or the grid."""
@@ -107,11 +101,8 @@ class SweepSpec:
 def suggest(trial: optuna.trial.BaseTrial, name: str, distribution: BaseDistribution):
     if isinstance(distribution, CategoricalDistribution):
         return trial.suggest_categorical(name, distribution.choices)
-    if isinstance(distribution, IntDistribution):
-        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
-                                 log=distribution.log)
-    return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
-                               log=distribution.log)
+    suggest_number = trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
+    return suggest_number(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
 
 
 def load_spec(path: str | Path, vocab_size: int | None = None) -> SweepSpec:
@@ -131,28 +122,31 @@ def read_spec(data, path: Path, vocab_size: int | None) -> SweepSpec:
     check_fields(data)
     space = read_space(data)
     task = TASKS[space["task"]]
-    base = dict(model=data.get("model"), corpus=data.get("corpus", "synthetic"), fixed=data.get("fixed") or {},
-                budget={BUDGET[k]: v for k, v in (data.get("budget") or {}).items()})
-    configs = check_configs(base, data, trial_points(space), task, vocab_size)
-    metric = read_metric(data, task, configs)
-    sampler, sampler_options = read_choice(data, "sampler", SAMPLERS, "grid" if space["grid_space"] else "tpe")
-    pruner, pruner_options = read_choice(data, "pruner", PRUNERS, "none" if space["grid_space"] else "median")
-    if (sampler == "grid") != bool(space["grid_space"]):
+    spec = SweepSpec(path=str(path), study=data.get("study", path.stem).strip(), model=data.get("model"),
+                     corpus=data.get("corpus", "synthetic"), fixed=data.get("fixed") or {},
+                     budget={BUDGET[k]: v for k, v in (data.get("budget") or {}).items()}, **space,
+                     metric=data.get("metric", task.metric), direction=data.get("direction", task.direction),
+                     project=data.get("project"), max_retry=data.get("max_retry", MAX_RETRY),
+                     definition=json.dumps({k: v for k, v in data.items()
+                                            if k not in ("trials", "project", "max_retry")}, sort_keys=True))
+    configs = check_configs(spec, data, vocab_size)
+    if spec.metric not in task.sweep_metrics:
+        raise BenchError(f"choose one of {', '.join(task.sweep_metrics)} (validation figures of {task.name} "
+                         f"records), got {spec.metric!r}", ("metric",))
+    if spec.metric in task.kn_metrics and not all(c.get("kn_order") for c in configs):
+        raise BenchError(f"{spec.metric} needs kn_order > 0 in every trial (fixed: kn_order: 5)", ("metric",))
+    sampler, sampler_options = read_choice(data, "sampler", SAMPLERS, "grid" if spec.grid_space else "tpe")
+    pruner, pruner_options = read_choice(data, "pruner", PRUNERS, "none" if spec.grid_space else "median")
+    if (sampler == "grid") != bool(spec.grid_space):
         raise BenchError("the grid sampler runs a grid (grid:); a search space needs tpe or random", ("sampler",))
-    if pruner != "none" and metric != task.metric:
+    if pruner != "none" and spec.metric != task.metric:
         raise BenchError(f"the pruner watches {task.monitor} every epoch, so it needs metric {task.metric}; set "
                          f"pruner: none", ("pruner",))
-    size = len(list(itertools.product(*space["grid_space"].values()))) if space["grid_space"] else None
-    trials = data.get("trials", size or 20)
-    if size is not None and trials > size:
-        raise BenchError(f"the grid has {size} points; a grid study runs at most that many", ("trials",))
-    spec = SweepSpec(path=str(path), study=data.get("study", path.stem).strip(), **base, **space, metric=metric,
-                     direction=data.get("direction", task.direction), project=data.get("project"), sampler=sampler,
-                     sampler_options=sampler_options, pruner=pruner, pruner_options=pruner_options, trials=trials,
-                     max_retry=data.get("max_retry", MAX_RETRY),
-                     definition=json.dumps({k: v for k, v in data.items()
-                                            if k not in ("trials", "project", "max_retry")},
-                                           sort_keys=True))
+    trials = data.get("trials", spec.grid_size or 20)
+    if spec.grid_size is not None and trials > spec.grid_size:
+        raise BenchError(f"the grid has {spec.grid_size} points; a grid study runs at most that many", ("trials",))
+    spec = replace(spec, sampler=sampler, sampler_options=sampler_options, pruner=pruner,
+                   pruner_options=pruner_options, trials=trials)
     for key, make in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
         try:  # Optuna's own checks of the options
             make()
@@ -163,28 +157,28 @@ def read_spec(data, path: Path, vocab_size: int | None) -> SweepSpec:
 
 def read_space(data: dict) -> dict:
     """The search space or the grid, and the task of the models they and `model` name."""
-    model = data.get("model")
-    if model is not None:
-        check_model(("model",), model)
-    search, (grid_space, grid_points) = read_search(data), read_grid(data)
+    if data.get("model") is not None:
+        check_model(("model",), data["model"])
+    search = {name: distribution(check_parameter(("search", name), data), value)
+              for name, value in (data.get("search") or {}).items()}
+    grid_space, grid_points = read_grid(data)
     if search and grid_space:
         raise BenchError("give a search space or a grid, not both", ("grid",))
     if not search and not grid_space:
         raise BenchError("give a search space (search:) or a grid (grid:)", ())
-    tasks = {model_spec(m).task for m in models(model, search, grid_space, grid_points)}
+    tasks = {model_spec(m).task for m in models(data.get("model"), search, grid_space, grid_points)}
     if len(tasks) > 1:
         raise BenchError(f"models of different tasks ({', '.join(sorted(tasks))}) in one study", ("model",))
     return dict(search=search, grid_space=grid_space, grid_points=grid_points, task=tasks.pop())
 
 
-def read_search(data: dict) -> dict[str, BaseDistribution]:
-    space = {}
-    for name, value in (data.get("search") or {}).items():
-        check_own_key(("search", name))
-        if name in (data.get("fixed") or {}):
-            raise BenchError("is also fixed; give it in one place", ("search", name))
-        space[name] = distribution(("search", name), value)
-    return space
+def check_parameter(key: tuple, data: dict) -> tuple:
+    """`key`, a searched or grid parameter's, when the spec sets that parameter nowhere else."""
+    if problem := own_key_problem(key):
+        raise BenchError(problem, key)
+    if key[-1] in (data.get("fixed") or {}):
+        raise BenchError("is also fixed; give it in one place", key)
+    return key
 
 
 def distribution(key: tuple, value) -> BaseDistribution:
@@ -200,10 +194,8 @@ def distribution(key: tuple, value) -> BaseDistribution:
         if option not in allowed:
             raise BenchError(f"unknown option for {kind}; known: {', '.join(allowed)}", (*key, option))
     if kind == "categorical":
-        if not isinstance(value.get("choices"), list) or not value["choices"]:
-            raise BenchError("must be a non-empty list", (*key, "choices"))
-        check_scalars((*key, "choices"), value["choices"])
-        return CategoricalDistribution(value["choices"])
+        choices = check_values((*key, "choices"), value.get("choices"), "must be a non-empty list")
+        return CategoricalDistribution(choices)
     for bound in ("low", "high"):
         if not is_number(value.get(bound)):
             raise BenchError(f"{bound} must be a number, got {value.get(bound)!r}", (*key, bound))
@@ -220,26 +212,28 @@ def distribution(key: tuple, value) -> BaseDistribution:
         raise BenchError(f"bad range: {str(error).splitlines()[0]}", key) from None
 
 
-def check_scalars(key: tuple, values: list) -> None:
+def check_values(key: tuple, values, problem: str) -> list:
+    """A non-empty list of scalars (a parameter's choices or grid values)."""
+    if not isinstance(values, list) or not values:
+        raise BenchError(problem, key)
     for index, item in enumerate(values):
         if not (item is None or isinstance(item, (str, int, float, bool))):
             raise BenchError(f"values must be numbers, strings or booleans, got {item!r}", (*key, index))
+    return values
 
 
 def read_seeds(data: dict) -> list[int] | None:
     """`seeds:` as a list of seeds (a count n is 0..n-1); only a grid repeats its points over seeds (a search
     would pick among seeds as if they were settings)."""
     seeds = data.get("seeds")
-    if seeds is None:
-        return None
-    if "grid" not in data:
+    if seeds is not None and "grid" not in data:
         raise BenchError("seeds repeat the points of a grid; a search picks settings (run the one it finds with "
                          "`bench train --seeds N`)", ("seeds",))
-    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1:
-        return list(range(seeds))
-    if (isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)):
+    if seeds is None or isinstance(seeds, list) and seeds and len(set(seeds)) == len(seeds) and all(
+            is_count(seed, 0) for seed in seeds):
         return seeds
+    if is_count(seeds, 1):
+        return list(range(seeds))
     raise BenchError(f"a count, or a list of distinct non-negative seeds, got {seeds!r}", ("seeds",))
 
 
@@ -250,22 +244,15 @@ def read_grid(data: dict) -> tuple[dict[str, list], dict[str, dict]]:
     products = grid if isinstance(grid, list) else [grid]
     if seeds is not None and any(isinstance(p, dict) and "seed" in p for p in products):
         raise BenchError("the grid sets seed itself; give the seeds in one place", ("seeds",))
-    if seeds is not None:
-        products = [{**p, "seed": seeds} if isinstance(p, dict) else p for p in products]
-        grid = products if isinstance(grid, list) else products[0]
+    products = [{**p, "seed": seeds} if isinstance(p, dict) and seeds is not None else p for p in products]
     if not products or not all(isinstance(p, dict) and p for p in products):
         raise BenchError("a mapping of parameter: [values], or a list of such mappings", ("grid",))
     for index, product in enumerate(products):
         for name, values in product.items():
-            key = ("grid", index, name) if isinstance(grid, list) else ("grid", name)
-            check_own_key(key)
-            if name in (data.get("fixed") or {}):
-                raise BenchError("is also fixed; give it in one place", key)
-            if not isinstance(values, list) or not values:
-                raise BenchError("must be a non-empty list of values", key)
-            check_scalars(key, values)
+            key = check_parameter(("grid", index, name) if isinstance(grid, list) else ("grid", name), data)
+            check_values(key, values, "must be a non-empty list of values")
     if not isinstance(grid, list):
-        return dict(grid), {}
+        return dict(products[0]), {}
     points = {}
     for product in products:
         for combination in itertools.product(*product.values()):
@@ -301,25 +288,18 @@ def check_model(key: tuple, model) -> None:
         raise BenchError(str(error), key) from None
 
 
-def trial_points(space: dict) -> list[dict]:
-    """Every grid point, or every combination of the search space's bounds and choices."""
-    if space["grid_points"]:
-        return list(space["grid_points"].values())
-    values = space["grid_space"] or {name: list(d.choices) if isinstance(d, CategoricalDistribution) else
-                                     [d.low, d.high] for name, d in space["search"].items()}
-    return [dict(zip(values, combination)) for combination in itertools.product(*values.values())]
-
-
-def check_configs(base: dict, data: dict, points: list[dict], task: Task, vocab_size: int | None) -> list[dict]:
-    """make_config on every point (with the corpus's vocabulary, the output layers' settings too); an error is
-    located at the spec key that gave the hyper-parameter it names."""
+def check_configs(spec: SweepSpec, data: dict, vocab_size: int | None) -> list[dict]:
+    """The configuration of every grid point, or of every combination of the search space's bounds and
+    choices (with the corpus's vocabulary, the output layers' settings checked too); an error is located at
+    the spec key that gave the hyper-parameter it names."""
+    values = spec.grid_space or {name: list(d.choices) if isinstance(d, CategoricalDistribution) else
+                                 [d.low, d.high] for name, d in spec.search.items()}
+    points = list(spec.grid_points.values()) or [dict(zip(values, c)) for c in itertools.product(*values.values())]
     configs = []
     for point in points:
-        settings = dict(point)
         try:
-            configs.append(make_config(settings.pop("model", base["model"]), {
-                "corpus": base["corpus"], **base["fixed"], **base["budget"], **settings}))
-            if vocab_size is not None and task is LANGUAGE_MODEL:
+            configs.append(spec.config(point))
+            if vocab_size is not None and spec.task == LANGUAGE_MODEL.name:
                 check_fits_vocabulary(configs[-1], vocab_size)
         except BenchError as error:
             raise BenchError(f"{error} (in the configuration {point})", spec_key(error.key, point, data)) from None
@@ -341,16 +321,6 @@ def spec_key(name: str | None, point: dict, data: dict) -> tuple:
     return ("grid",) if "grid" in data else ("model",)
 
 
-def read_metric(data: dict, task: Task, configs: list[dict]) -> str:
-    metric = data.get("metric", task.metric)
-    if metric not in task.sweep_metrics:
-        raise BenchError(f"choose one of {', '.join(task.sweep_metrics)} (validation figures of {task.name} "
-                         f"records), got {metric!r}", ("metric",))
-    if metric.startswith("nn_kn") and not all(c.get("kn_order") for c in configs):
-        raise BenchError(f"{metric} needs kn_order > 0 in every trial (fixed: kn_order: 5)", ("metric",))
-    return metric
-
-
 def read_choice(data: dict, key: str, choices: dict, default: str) -> tuple[str, dict]:
     """A sampler's or pruner's name and options, each option of a type its Optuna signature takes (a number,
     a flag, a name: Optuna would store a wrong one and fail every trial with it), counts and seeds not negative."""
@@ -367,10 +337,9 @@ def read_choice(data: dict, key: str, choices: dict, default: str) -> tuple[str,
             raise BenchError(f"unknown option; known: {', '.join(settable)}", (key, name))
         if not any(kind in OPTION_TYPES for kind in kinds):
             raise BenchError("cannot be set in a spec (Optuna takes a function)", (key, name))
-        if option is None and "None" in kinds:
-            continue
-        if not (isinstance(option, bool) and "bool" in kinds or not isinstance(option, bool) and any(
-                isinstance(option, OPTION_TYPES[kind]) for kind in kinds if kind in OPTION_TYPES)):
+        if not (option is None and "None" in kinds or any(
+                isinstance(option, OPTION_TYPES[kind]) and (kind == "bool") == isinstance(option, bool)
+                for kind in kinds if kind in OPTION_TYPES)):
             raise BenchError(f"must be {' or '.join(kinds)}, got {option!r}", (key, name))
         if is_number(option) and (option < 0 or not math.isfinite(option)):
             raise BenchError(f"must not be negative, got {option!r}", (key, name))
@@ -378,12 +347,7 @@ def read_choice(data: dict, key: str, choices: dict, default: str) -> tuple[str,
 
 
 def type_names(annotation) -> list[str]:
-    """The types an annotation allows, by name: `int | None` -> ["int", "None"]. Optuna's modules postpone
-    their annotations, so most are strings: parsed as Python expressions."""
+    """The types an annotation allows, by name: `int | None` -> ["int", "None"] (Optuna's modules postpone
+    their annotations: most are strings)."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-
-    def names(node: ast.expr) -> list[str]:
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-            return names(node.left) + names(node.right)
-        return [ast.unparse(node)]
-    return names(ast.parse(text, mode="eval").body)
+    return [name.strip() for name in text.split("|")]

@@ -50,7 +50,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from bench.adapters import trial_id, trial_storage
 from bench.errors import BenchError, Interrupted, one_line
 from bench.harness import cached_corpus, cached_tagged_corpus, finished_record, run_experiment
-from bench.records import plain
+from bench.records import RunRecord, plain
 from bench.redact import redact
 from bench.store import DEFAULT_STORAGE, MAX_RETRY, RequeueStaleTrials, open_storage, record_attributes
 from bench.sweep_spec import SweepSpec, load_spec
@@ -270,9 +270,9 @@ def requeue_interrupted(trial: optuna.Trial) -> None:
 def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
     attrs = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
-        record = attrs.get("record") or {}
-        cut = record.get("stopped_by") == "max_minutes"
-        return f"{metric} {trial.value:.2f}" + (f", cut by the minutes budget at epoch {record['epochs']}" if cut
+        speed = RunRecord.from_dict(attrs.get("record") or {}).speed
+        cut = speed.get("stopped_by") == "max_minutes"
+        return f"{metric} {trial.value:.2f}" + (f", cut by the minutes budget at epoch {speed['epochs']}" if cut
                                                 else "")
     if trial.state == TrialState.PRUNED:
         last = attrs.get("last_metrics") or {}
@@ -352,11 +352,11 @@ def warn_if_minutes_cut_epochs(spec: SweepSpec, storage) -> None:
     epochs, minutes = spec.budget.get("max_epochs"), spec.budget.get("max_minutes")
     if not (epochs and minutes):
         return
-    per_epoch = [record["minutes_per_epoch"] for summary in optuna.get_all_study_summaries(storage)
+    per_epoch = [record.minutes_per_epoch for summary in optuna.get_all_study_summaries(storage)
                  for trial in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(
                      deepcopy=False, states=(TrialState.COMPLETE,))
-                 if (record := trial.user_attrs.get("record") or {}).get("model") == spec.model
-                 and record.get("corpus") == spec.corpus and record.get("minutes_per_epoch")]
+                 if (record := RunRecord.from_dict(trial.user_attrs.get("record") or {})).run.get("model") == spec.model
+                 and record.run.get("corpus") == spec.corpus and record.minutes_per_epoch]
     if per_epoch and epochs * statistics.median(per_epoch) > minutes:
         print(f"warning: {spec.path}: budget epochs {epochs} take about {epochs * statistics.median(per_epoch):.3g} "
               f"minutes here ({statistics.median(per_epoch):.3g} an epoch, the median of {len(per_epoch)} stored "

@@ -16,6 +16,7 @@ class Task:
     test_metric: str  # the record's test figure; a record holding it is one of this task's
     sweep_metrics: tuple[str, ...]  # record figures a sweep may optimise: validation only, never test
     regress_figures: tuple[str, ...]  # record figures `bench regress` compares with its baseline
+    kn_metrics: tuple[str, ...] = ()  # sweep metrics of the NN+KN interpolation: every trial needs kn_order
 
     @property
     def mode(self) -> str:
@@ -25,7 +26,7 @@ class Task:
 
 LANGUAGE_MODEL = Task("lm", metric="valid_ppl", monitor="val_ppl", direction="minimize", test_metric="test_ppl",
                       sweep_metrics=("valid_ppl", "nn_kn_valid_ppl"),
-                      regress_figures=("valid_ppl", "test_ppl", "nn_kn_test_ppl"))
+                      regress_figures=("valid_ppl", "test_ppl", "nn_kn_test_ppl"), kn_metrics=("nn_kn_valid_ppl",))
 TAGGER = Task("tagging", metric="valid_f1", monitor="val_f1", direction="maximize", test_metric="test_f1",
               sweep_metrics=("valid_f1",), regress_figures=("valid_f1", "test_f1"))
 TASKS = {task.name: task for task in (LANGUAGE_MODEL, TAGGER)}
