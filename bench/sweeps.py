@@ -53,7 +53,7 @@ from bench.harness import cached_corpus, cached_tagged_corpus, finished_record, 
 from bench.records import RunRecord, plain
 from bench.redact import redact
 from bench.store import DEFAULT_STORAGE, MAX_RETRY, RequeueStaleTrials, open_storage, record_attributes
-from bench.sweep_spec import SweepSpec, load_spec
+from bench.sweep_spec import SweepSpec, load_spec, same_study
 from bench.threads import use_threads
 from bench.tracking import wandb_mode, wandb_settings
 
@@ -331,9 +331,9 @@ def open_study(spec: SweepSpec, storage) -> optuna.Study:
     made_from = study.user_attrs.get("spec")
     if made_from is None:
         study.set_user_attr("spec", spec.definition)
-    elif made_from != spec.definition:
-        raise BenchError(f"study {spec.study!r} exists with another spec (only trials, project and max_retry may "
-                         f"change on resume); give this spec another study name")
+    elif not same_study(made_from, spec.definition):
+        raise BenchError(f"study {spec.study!r} exists with another spec (only trials, project, max_retry and "
+                         f"pruner may change on resume); give this spec another study name")
     return study
 
 

@@ -430,3 +430,20 @@ def test_a_trial_cut_by_its_minutes_says_so():
                                          user_attrs={"record": {"stopped_by": "schedule", "epochs": 2}})
     assert describe(cut, "valid_ppl") == "valid_ppl 80.00, cut by the minutes budget at epoch 0.27"
     assert describe(finished, "valid_ppl") == "valid_ppl 80.00"
+
+
+def test_a_study_resumes_with_another_pruner_but_not_with_another_search(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/results.db"
+    search = "study: patient\nsearch:\n  lr: {type: log-float, low: 0.5, high: 5}\nsampler: {type: random, seed: 1}\n"
+    first = write_spec(tmp_path, TINY + search + "pruner: median\ntrials: 1\n")
+    assert main(["sweep", str(first), "--storage", storage, "--no-progress", "--no-wandb"]) == 0
+    patient = TINY + search + "pruner: {type: median, n_warmup_steps: 4}\ntrials: 2\n"
+    assert main(["sweep", str(write_spec(tmp_path, patient)), "--storage", storage, "--no-progress",
+                 "--no-wandb"]) == 0
+    assert len(optuna.load_study(study_name="patient", storage=storage).trials) == 2
+    capsys.readouterr()
+    other = write_spec(tmp_path, patient.replace("high: 5", "high: 6").replace("trials: 2", "trials: 3"))
+    assert main(["sweep", str(other), "--storage", storage, "--no-progress", "--no-wandb"]) == 2
+    err = capsys.readouterr().err
+    assert "study 'patient' exists with another spec" in err and len(err.strip().splitlines()) == 1
+    assert len(optuna.load_study(study_name="patient", storage=storage).trials) == 2
