@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from bench.data import Vocabulary
 from bench.errors import BenchError
-from bench.models.output_layers import ClassSoftmax, build_output_layer
+from bench.models.output_layers import ClassSoftmax, build_output_layer, plan_to
 from bench.schedules import lr_scheduler
 from bench.tasks import LANGUAGE_MODEL, TAGGER
 
@@ -195,6 +195,13 @@ class LanguageModel(ScoredModel):
         the targets are, so that the step needs no host copy of them (bench.models.output_layers.ClassPlan)."""
         plan = getattr(self.output, "plan", None)
         return batch if plan is None or len(batch) != 3 else (*batch, plan(batch[1].reshape(-1)))
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """(inputs, targets, mask[, plan]) on `device`. Lightning's own transfer walks every element of the
+        plan, each class's tuple included (PTB, 100 classes, one thread, 16 streams: 0.84 of 6.6 ms a step
+        under cProfile, 1.5 of 11.2 at 32)."""
+        tensors, plan = batch[:3], batch[3:]
+        return (*(t.to(device) for t in tensors), *(plan_to(p, device) for p in plan))
 
     def _step(self, stage: str, batch) -> torch.Tensor:
         inputs, targets, mask, *plan = batch

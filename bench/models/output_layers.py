@@ -291,6 +291,11 @@ class BatchedWithinClassNLL(torch.autograd.Function):
         return grad_hidden.to(hidden_dtype), grad_weight, grad_bias, None, None
 
 
+def plan_to(plan: ClassSegments | ClassPlan | None, device: torch.device) -> ClassSegments | ClassPlan | None:
+    """The plan with its tensors on `device`."""
+    return plan and type(plan)(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in plan))
+
+
 class ClassSoftmax(nn.Module):
     """Class-factorised softmax: p(w | h) = p(c(w) | h) p(w | c(w), h), classes of contiguous word ids.
 
@@ -414,8 +419,7 @@ class ClassSoftmax(nn.Module):
         cls = self.word_class[target]
         nll = F.cross_entropy(self.class_decoder(hidden), cls, reduction="none")
         if plan is None:
-            plan = self.plan(target)
-            plan = plan and type(plan)(*(t.to(hidden.device) if isinstance(t, torch.Tensor) else t for t in plan))
+            plan = plan_to(self.plan(target), hidden.device)
         # In a one-word class p(w | c, h) = 1: those tokens (the most frequent words) need nothing more.
         if plan is None:
             return nll
