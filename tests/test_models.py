@@ -185,7 +185,7 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
 def sgd_step(model: ElmanLM, optimizer, batch, clip: float) -> torch.Tensor:
     """One training step as Lightning runs it: the host-side batch hook, training_step, backward, clipping,
     SGD step."""
-    batch = model.on_before_batch_transfer(batch, 0)
+    batch = model.transfer_batch_to_device(model.on_before_batch_transfer(batch, 0), torch.device("cpu"), 0)
     loss = model.training_step(batch, 0)
     loss.backward()
     model.configure_gradient_clipping(optimizer, clip)
@@ -205,6 +205,22 @@ def class_lm(output: str = "class", **options) -> ElmanLM:
 def stream_batch(seed: int, streams: int = 3, steps: int = 4):
     words = torch.randint(0, 40, (streams, steps + 1), generator=torch.Generator().manual_seed(seed))
     return words[:, :-1], words[:, 1:], torch.ones(streams, steps, dtype=torch.bool)
+
+
+def test_the_batch_transfer_moves_every_tensor_of_the_plan():
+    """transfer_batch_to_device moves the inputs, targets, mask and every tensor of the class plan, keeps
+    the plan's per-class tuples, and passes a missing plan (no target in a class of several words) on."""
+    model = class_lm()
+    batch = model.on_before_batch_transfer(stream_batch(0), 0)
+    moved = model.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [t.device.type for t in moved[:3]] == ["meta"] * 3 and type(moved[3]) is type(batch[3])
+    for name, original in batch[3]._asdict().items():
+        value = getattr(moved[3], name)
+        if isinstance(original, torch.Tensor):
+            assert value.device.type == "meta" and value.shape == original.shape
+        else:
+            assert value == original and len(value) > 1  # the classes present
+    assert model.transfer_batch_to_device((*batch[:3], None), torch.device("meta"), 0)[3] is None
 
 
 @pytest.mark.parametrize("clip", [0.05, 100.0])  # clipping on (the norm is above 0.05) and off
