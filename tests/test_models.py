@@ -108,21 +108,28 @@ def test_chunked_scoring_with_carried_state_equals_scoring_the_whole_stream(name
 
 
 @pytest.mark.parametrize("name", ["ffnn", "rnn-bptt", "lstm"])
-def test_gradient_clipping_counts_the_sparse_embedding_rows(name):
+@pytest.mark.parametrize("over_limit", [True, False])
+def test_gradient_clipping_equals_torchs_on_the_dense_gradients(name, over_limit):
+    """Clipping with the sparse embedding rows gives torch's clip_grad_norm_ of the same gradients made
+    dense, the limit crossed (every gradient scaled) or not (every gradient untouched)."""
     torch.manual_seed(0)
     model = build(name, optimizer="sgd", l2=0.0)  # SGD: sparse embedding gradients (ffnn's default is Adam)
     inputs, targets = torch.randint(0, len(VOCAB), (2, 5)), torch.randint(0, len(VOCAB), (2, 5))
     nll, _ = model.nll(inputs, targets, model.init_state(2))
     (nll.sum() * 10).backward()
-    grads = [p.grad.to_dense().clone() for p in model.parameters()]
     assert any(p.grad.is_sparse for p in model.parameters())  # SGD: the embedding's rows only
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    model.configure_gradient_clipping(None, gradient_clip_val=float(total) * 2)  # below the limit: untouched
-    for p, g in zip(model.parameters(), grads):
-        assert torch.equal(p.grad.to_dense(), g)
-    model.configure_gradient_clipping(None, gradient_clip_val=0.5)
-    for p, g in zip(model.parameters(), grads):
-        torch.testing.assert_close(p.grad.to_dense(), g * 0.5 / total)
+    dense = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for d, p in zip(dense, model.parameters()):
+        d.grad = p.grad.to_dense().clone()
+    total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d.grad) for d in dense])))
+    limit = 0.5 if over_limit else 2 * total
+    assert float(torch.nn.utils.clip_grad_norm_(dense, limit)) == pytest.approx(total, rel=1e-6)
+    model.configure_gradient_clipping(None, gradient_clip_val=limit)
+    for p, d in zip(model.parameters(), dense):
+        torch.testing.assert_close(p.grad.to_dense(), d.grad, rtol=1e-6, atol=1e-7)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.to_dense())
+                                                       for p in model.parameters()])))
+    assert norm == pytest.approx(0.5 if over_limit else total, rel=1e-5)
 
 
 def score_in_streams(model, streams: int) -> float:
@@ -178,7 +185,7 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
 def sgd_step(model: ElmanLM, optimizer, batch, clip: float) -> torch.Tensor:
     """One training step as Lightning runs it: the host-side batch hook, training_step, backward, clipping,
     SGD step."""
-    batch = model.on_before_batch_transfer(batch, 0)
+    batch = model.transfer_batch_to_device(model.on_before_batch_transfer(batch, 0), torch.device("cpu"), 0)
     loss = model.training_step(batch, 0)
     loss.backward()
     model.configure_gradient_clipping(optimizer, clip)
@@ -198,6 +205,22 @@ def class_lm(output: str = "class", **options) -> ElmanLM:
 def stream_batch(seed: int, streams: int = 3, steps: int = 4):
     words = torch.randint(0, 40, (streams, steps + 1), generator=torch.Generator().manual_seed(seed))
     return words[:, :-1], words[:, 1:], torch.ones(streams, steps, dtype=torch.bool)
+
+
+def test_the_batch_transfer_moves_every_tensor_of_the_plan():
+    """transfer_batch_to_device moves the inputs, targets, mask and every tensor of the class plan, keeps
+    the plan's per-class tuples, and passes a missing plan (no target in a class of several words) on."""
+    model = class_lm()
+    batch = model.on_before_batch_transfer(stream_batch(0), 0)
+    moved = model.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [t.device.type for t in moved[:3]] == ["meta"] * 3 and type(moved[3]) is type(batch[3])
+    for name, original in batch[3]._asdict().items():
+        value = getattr(moved[3], name)
+        if isinstance(original, torch.Tensor):
+            assert value.device.type == "meta" and value.shape == original.shape
+        else:
+            assert value == original and len(value) > 1  # the classes present
+    assert model.transfer_batch_to_device((*batch[:3], None), torch.device("meta"), 0)[3] is None
 
 
 @pytest.mark.parametrize("clip", [0.05, 100.0])  # clipping on (the norm is above 0.05) and off
@@ -242,7 +265,9 @@ def test_l2_and_adam_keep_the_dense_word_rows():
 @pytest.mark.parametrize("output", ["class", "full"])
 def test_training_steps_never_ask_the_host(monkeypatch, output):
     """Five training steps (loss, backward, clipping, SGD) call none of the Tensor methods that copy to the
-    host or wait for the device; the batch hook (host data, before the transfer) is left out. The
+    host or wait for the device but one: on the CPU the clipping compares its norm, there already, with the
+    limit (on a GPU it scales by a factor left on the device); the batch hook (host data, before the
+    transfer) is left out. The
     epoch's perplexity then reads the sums once, and equals the mean of the five losses."""
     model = class_lm(output)
     optimizer = base.make_optimizer(model, "sgd", 0.5)
@@ -264,7 +289,7 @@ def test_training_steps_never_ask_the_host(monkeypatch, output):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.detach())
-    assert calls == []
+    assert calls == ["__bool__"] * 5
     total, count = model._sums["train"]
     counts = torch.tensor([b[2].sum() for b in batches])
     assert int(count) == int(counts.sum()) == 5 * 12 - 2

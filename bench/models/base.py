@@ -44,10 +44,11 @@ import numpy as np
 import torch
 from seqeval.metrics import f1_score, precision_score, recall_score
 from torch.nn import functional as F
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from bench.data import Vocabulary
 from bench.errors import BenchError
-from bench.models.output_layers import ClassSoftmax, build_output_layer
+from bench.models.output_layers import ClassSoftmax, build_output_layer, plan_to
 from bench.schedules import lr_scheduler
 from bench.tasks import LANGUAGE_MODEL, TAGGER
 
@@ -116,20 +117,21 @@ class ScoredModel(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Scale the gradients down to a total norm of `clip` when they exceed it (the Trainer's
-        gradient_clip_val). By hand, because torch's clip_grad_norm_ refuses the sparse gradients of the
-        embeddings and the class layer's word rows. A sparse gradient's norm is that of its rows, which is the
-        dense gradient's norm: clipping is the same either way. The factor stays on the device (1 below the
-        limit), so clipping asks the host nothing."""
+        gradient_clip_val): torch.nn.utils.clip_grad_norm_, whose norm refuses the sparse gradients of the
+        embeddings and the class layer's word rows, so the norm is taken here. A sparse gradient's norm is that
+        of its coalesced rows, the dense gradient's norm: clipping is the same either way. On a GPU the scale
+        stays on the device (1 below the limit), so clipping asks the host nothing; on the CPU the norm is on
+        the host already, and below the limit the scaling, which reads and writes every gradient, is skipped
+        (PTB, 100 classes, one thread, load 3.5 on 2 cores: the scaling took 0.28 ms a step at 16 streams,
+        0.75 and 0.88 at 32 and 128, where the word rows' gradient is dense, 10k x 200)."""
         if not gradient_clip_val:
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        parameters = [p for p in self.parameters() if p.grad is not None]
+        if not parameters:
             return
-        norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g) for g in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms)).double()
-        scale = torch.where(total > gradient_clip_val, gradient_clip_val / (total + 1e-6), 1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype))
+        total = get_total_norm([p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in parameters])
+        if total.device.type != "cpu" or total > gradient_clip_val:
+            clip_grads_with_norm_(parameters, gradient_clip_val, total)
 
 
 class LanguageModel(ScoredModel):
@@ -195,6 +197,13 @@ class LanguageModel(ScoredModel):
         the targets are, so that the step needs no host copy of them (bench.models.output_layers.ClassPlan)."""
         plan = getattr(self.output, "plan", None)
         return batch if plan is None or len(batch) != 3 else (*batch, plan(batch[1].reshape(-1)))
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """(inputs, targets, mask[, plan]) on `device`. Lightning's own transfer walks every element of the
+        plan, each class's tuple included (PTB, 100 classes, one thread, 16 streams: 0.84 of 6.6 ms a step
+        under cProfile, 1.5 of 11.2 at 32)."""
+        tensors, plan = batch[:3], batch[3:]
+        return (*(t.to(device) for t in tensors), *(plan_to(p, device) for p in plan))
 
     def _step(self, stage: str, batch) -> torch.Tensor:
         inputs, targets, mask, *plan = batch

@@ -159,6 +159,7 @@ class ClassSegments(NamedTuple):
     token_width: torch.Tensor  # (M,) each token's logit row length: its class's size
     row_of: torch.Tensor  # (L,) the token of each flat logit
     logit_word: torch.Tensor  # (L,) the word of each flat logit
+    logit_row: torch.Tensor  # (L,) the place of that word among `rows`
     target_at: torch.Tensor  # (M,) each token's target logit in the flat buffer
 
 
@@ -204,14 +205,16 @@ class WithinClassNLL(torch.autograd.Function):
         # the rows' gradients end to end (sparse), or in place in the dense gradient
         sparse = _sparse_rows(ctx.sparse, plan.rows, weight_shape)
         rows = len(plan.rows) if sparse else weight_shape[0]
-        row_grad, bias_grad = grouped.new_zeros(rows, weight_shape[1]), dlogits.new_zeros(rows)
+        row_grad = grouped.new_zeros(rows, weight_shape[1])
+        # the bias's in one call, not a sum per class (PTB, 100 classes, one thread, forward and backward of
+        # 20 batches alternated: 4.37 -> 3.71 ms a batch at 16 streams, 6.43 -> 5.69 at 32, 8.71 -> 8.25 at 128)
+        bias_grad = dlogits.new_zeros(rows).index_add_(0, plan.logit_row if sparse else plan.logit_word, dlogits)
         offset, row = 0, 0
         for first, end, token, n in plan.classes:
             size, at = n * (end - first), row if sparse else first
             block = dlogits_low[offset:offset + size].view(n, end - first)
             torch.mm(block, low_weight[first:end], out=grad_grouped[token:token + n])
             torch.mm(block.t(), grouped[token:token + n], out=row_grad[at:at + end - first])
-            torch.sum(dlogits[offset:offset + size].view(n, end - first), 0, out=bias_grad[at:at + end - first])
             offset, row = offset + size, row + end - first
         grad_hidden = grad_grouped.new_zeros(hidden_shape).index_copy_(0, plan.tokens, grad_grouped)
         row_grad, bias_grad = row_grad.to(weight_dtype), bias_grad.to(weight_dtype)
@@ -291,6 +294,11 @@ class BatchedWithinClassNLL(torch.autograd.Function):
         return grad_hidden.to(hidden_dtype), grad_weight, grad_bias, None, None
 
 
+def plan_to(plan: ClassSegments | ClassPlan | None, device: torch.device) -> ClassSegments | ClassPlan | None:
+    """The plan with its tensors on `device`."""
+    return plan and type(plan)(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in plan))
+
+
 class ClassSoftmax(nn.Module):
     """Class-factorised softmax: p(w | h) = p(c(w) | h) p(w | c(w), h), classes of contiguous word ids.
 
@@ -360,7 +368,7 @@ class ClassSoftmax(nn.Module):
         classes = tuple(zip(class_start[present].tolist(), class_start[present + 1].tolist(), first_token.tolist(),
                             tokens_per_class.tolist()))
         arrays = dict(tokens=tokens, rows=rows, token_width=token_width, row_of=row_of, logit_word=logit_word,
-                      target_at=row_start + position)
+                      logit_row=np.searchsorted(rows, logit_word), target_at=row_start + position)
         return ClassSegments(classes=classes, **{name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
                                                  for name, a in arrays.items()})
 
@@ -414,8 +422,7 @@ class ClassSoftmax(nn.Module):
         cls = self.word_class[target]
         nll = F.cross_entropy(self.class_decoder(hidden), cls, reduction="none")
         if plan is None:
-            plan = self.plan(target)
-            plan = plan and type(plan)(*(t.to(hidden.device) if isinstance(t, torch.Tensor) else t for t in plan))
+            plan = plan_to(self.plan(target), hidden.device)
         # In a one-word class p(w | c, h) = 1: those tokens (the most frequent words) need nothing more.
         if plan is None:
             return nll
