@@ -425,6 +425,7 @@ def speed_figures(fit: FinishedFit) -> dict:
         "epochs": trained if speed.train_batches == trained * batches_per_epoch else round(epochs, 3),
         "train_tokens": speed.train_tokens,
         "train_seconds": sum(speed.train_seconds),
+        "training_flops_per_token": getattr(fit.model, "training_flops_per_token", lambda: None)(),
         "stopped_by": fit.stopped_by,
         "wall_minutes": speed.wall_seconds() / 60,
         "curve": [{"epoch": epoch, "wall_minutes": seconds / 60, fit.model.MONITOR: value}

@@ -13,9 +13,9 @@ from pathlib import Path
 from bench.errors import BenchError
 
 RUN_KEYS = ("model", "corpus")
-SPEED_KEYS = ("epochs", "train_tokens", "train_seconds", "stopped_by", "wall_minutes", "curve", "resumed",
-              "recovered_from", "test_seconds")
-RATE_KEYS = ("tokens_per_second", "minutes_per_epoch")  # derived from the raw counts; stored before they were
+SPEED_KEYS = ("epochs", "train_tokens", "train_seconds", "training_flops_per_token", "stopped_by", "wall_minutes",
+              "curve", "resumed", "recovered_from", "test_seconds")
+RATE_KEYS = ("tokens_per_second", "minutes_per_epoch", "gflops")  # derived from the raw counts; stored before they were
 PROVENANCE_KEYS = ("parameters", "peak_memory_mb", "device", "threads", "seed", "git_commit", "versions", "config",
                    "plugin")
 
@@ -26,9 +26,9 @@ class RunRecord:
     record the store's user attribute "record", record.json, the W&B summary and report rows hold; `from_dict`
     reads one back, whatever it holds (a key of no known concern is a quality figure).
 
-    The speed part carries the raw counts -- epochs trained, training tokens and seconds (steps only) -- and
-    the rates tokens/s and minutes/epoch follow from them. A record stored before it carried the counts keeps
-    the rates it stored."""
+    The speed part carries the raw counts -- epochs trained, training tokens and seconds (steps only), and the
+    model's FLOPs per training token where it counts them -- and the rates tokens/s, minutes/epoch and achieved
+    GFLOP/s follow from them. A record stored before it carried the counts keeps the rates it stored."""
 
     run: dict  # model, corpus
     quality: dict  # the module's results; language models: NN+KN, the corpus's oracle and unigram, time to target
@@ -52,8 +52,17 @@ class RunRecord:
             return self.speed.get("minutes_per_epoch")
         return self.speed["train_seconds"] / self.speed["epochs"] / 60 if self.speed["epochs"] else 0.0
 
+    @property
+    def gflops(self) -> float | None:
+        """Achieved training GFLOP/s: the model's FLOPs per training token times tokens/s (None: not counted)."""
+        if not self.has_counts:
+            return self.speed.get("gflops")
+        flops = self.speed.get("training_flops_per_token")
+        return flops * self.tokens_per_second / 1e9 if flops else None
+
     def to_dict(self) -> dict:
-        rates = {"tokens_per_second": self.tokens_per_second, "minutes_per_epoch": self.minutes_per_epoch}
+        rates = {"tokens_per_second": self.tokens_per_second, "minutes_per_epoch": self.minutes_per_epoch,
+                 "gflops": self.gflops}
         return {**self.run, **self.quality, **self.speed, **(rates if self.has_counts else {}), **self.provenance}
 
     @classmethod

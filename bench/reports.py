@@ -46,11 +46,12 @@ from bench.tracking import wandb_mode, wandb_settings
 TAGGER_ARCHITECTURE = ("cell", "layers", "bidirectional")
 CONFIGURATION = ["task", "model", "corpus", "output", "classes", *TAGGER_ARCHITECTURE]
 # Record figures the tables read; a column of missing values where no run has them (e.g. taggers only).
-FIGURES = ("epochs", "valid_ppl", "test_ppl", "nn_kn_test_ppl", "valid_f1", "test_f1", "tokens_per_second",
+FIGURES = ("epochs", "valid_ppl", "test_ppl", "nn_kn_test_ppl", "valid_f1", "test_f1", "tokens_per_second", "gflops",
            "minutes_per_epoch", "test_seconds", "git_commit", "device", "stopped_by", "seed")
 # Figures averaged over the seeds of a setting, each with its standard deviation "<figure>_sd".
 SEED_FIGURES = ("valid_ppl", "test_ppl", "nn_kn_valid_ppl", "nn_kn_test_ppl", "valid_f1", "test_f1", "test_precision",
-                "test_recall", "epochs", "tokens_per_second", "minutes_per_epoch", "wall_minutes", "test_seconds")
+                "test_recall", "epochs", "tokens_per_second", "gflops", "minutes_per_epoch", "wall_minutes",
+                "test_seconds")
 
 
 # ------------------------------------------------------------------------------------------------ reading

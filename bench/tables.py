@@ -24,6 +24,7 @@ COLUMNS = {
     "oracle_ppl": "oracle ppl",
     "unigram_ppl": "unigram ppl",
     "tokens_per_second": "train tokens/s",
+    "gflops": "train GFLOP/s",
     "minutes_per_epoch": "min/epoch",
     "wall_minutes": "wall min",
     TARGETS: "",  # one column per target perplexity: "min to <target>" (minutes to that validation perplexity)

@@ -294,3 +294,13 @@ def test_training_steps_never_ask_the_host(monkeypatch, output):
     counts = torch.tensor([b[2].sum() for b in batches])
     assert int(count) == int(counts.sum()) == 5 * 12 - 2
     assert float(total) == pytest.approx(float((torch.stack(losses).double() * counts).sum()), rel=1e-6)
+
+
+def test_training_flops_per_token_count_each_product_three_times():
+    """Forward (2 FLOPs a multiply-add) and a backward of twice the forward, hand-counted for 16 hidden units
+    and the 8-word vocabulary: the recurrence W h (16 x 16; U x is a lookup), then the output layer."""
+    hidden, vocab = 16, len(VOCAB)
+    assert build("rnn-bptt", output="full").training_flops_per_token() == 3 * (2 * hidden * hidden + 2 * hidden * vocab)
+    classes = build("rnn-bptt", output="class", classes=2).output
+    expected = 3 * (2 * hidden * hidden + 2 * hidden * (2 + classes.mean_class_size))
+    assert build("rnn-bptt", output="class", classes=2).training_flops_per_token() == pytest.approx(expected)

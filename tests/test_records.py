@@ -9,7 +9,8 @@ from bench.store import open_storage, save_record
 COUNTED = RunRecord(
     run={"model": "rnn-bptt", "corpus": "synthetic"},
     quality={"valid_ppl": 120.5, "test_ppl": 118.25, "oracle_ppl": 50.0, "minutes_to_target": {"150": 0.5}},
-    speed={"epochs": 2.5, "train_tokens": 30_000, "train_seconds": 12.0, "stopped_by": "max_minutes",
+    speed={"epochs": 2.5, "train_tokens": 30_000, "train_seconds": 12.0, "training_flops_per_token": 1e6,
+           "stopped_by": "max_minutes",
            "wall_minutes": 0.3, "curve": [{"epoch": 0, "wall_minutes": 0.1, "val_ppl": 130.0}], "resumed": 0,
            "recovered_from": [], "test_seconds": 1.5},
     provenance={"parameters": 1234, "peak_memory_mb": 300.0, "device": "cpu", "threads": 1, "seed": 0,
@@ -27,7 +28,10 @@ def test_rates_derive_from_the_raw_counts():
     assert COUNTED.minutes_per_epoch == 12.0 / 2.5 / 60
     flat = COUNTED.to_dict()
     assert (flat["tokens_per_second"], flat["minutes_per_epoch"]) == (2500.0, 0.08)
-    assert "gflops" not in flat and "roofline_fraction" not in flat
+    assert flat["gflops"] == 2.5  # 1e6 FLOPs a token at 2,500 tokens/s
+    assert "roofline_fraction" not in flat and "matmul_gflops" not in flat
+    uncounted = RunRecord({}, {}, {**COUNTED.speed, "training_flops_per_token": None}, {})
+    assert uncounted.gflops is None
     stopped_at_once = RunRecord({}, {}, {**COUNTED.speed, "epochs": 0, "train_tokens": 0, "train_seconds": 0.0}, {})
     assert stopped_at_once.minutes_per_epoch == 0.0
 
