@@ -188,12 +188,13 @@ def command_train(args) -> int:
     require(config["corpus"], args.data_dir)
     check_writable(Path(args.run_dir))
 
-    from bench.harness import finished_record, run_folder_name
+    from bench.harness import check_devices, finished_record, run_folder_name
     from bench.store import open_storage
     from bench.tables import print_tables
     from bench.threads import use_threads
 
     quiet_libraries()
+    check_devices(config)
     use_threads()
     storage = open_storage(args.storage)
     study = f"train-{args.model}-{args.corpus}"

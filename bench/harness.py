@@ -30,10 +30,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from bench.config import model_arguments
+from bench.config import TRAINER_DEFAULTS, model_arguments
 from bench.data import Corpus, LanguageModelData, load_corpus
-from bench.errors import one_line
+from bench.errors import BenchError, one_line
 from bench.interpolation import tune_interpolation
 from bench.models.kneser_ney import KneserNey
 from bench.models.plugins import model_spec
@@ -249,16 +250,49 @@ class DurableCheckpointIO(TorchCheckpointIO):
         write_atomically(Path(path), buffer.getbuffer())
 
 
+def trainer_settings(config: dict) -> dict:
+    """The Trainer's accelerator, devices, num_nodes, strategy and precision of `config` (bench.config.TRAINER).
+    A model without gradient steps (the n-gram) counts on the CPU whatever they say: its estimator works on
+    numpy arrays, and a device would only copy every chunk there and back."""
+    if not model_spec(config["model"]).neural:
+        return {**TRAINER_DEFAULTS, "accelerator": "cpu"}
+    return {key: config.get(key, default) for key, default in TRAINER_DEFAULTS.items()}
+
+
+def set_matmul_precision(trainer: pl.Trainer) -> None:
+    """TF32 for fp32 matrix products where the device has it (CUDA, compute capability 8.0 and up): fp32's
+    range with a 10-bit mantissa, several times the fp32 throughput; the perplexities are still summed in
+    float64. Full fp32 everywhere else, the CPU included -- the setting is process-wide, and on a CPU with
+    bf16 units oneDNN may take "high" as leave to round the fp32 products the CPU figures were measured with."""
+    device = trainer.strategy.root_device
+    tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
 def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = True,
                   checkpoint_dir: str | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="auto", devices=1, max_epochs=config["max_epochs"],
-        limit_train_batches=config.get("limit_train_batches") or None,
-        max_time=timedelta(minutes=config["max_minutes"]),
-        gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
-        callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
-        enable_model_summary=False, default_root_dir=checkpoint_dir, plugins=[DurableCheckpointIO()],
-    )
+    """The Trainer of `config`."""
+    settings = trainer_settings(config)
+    try:
+        trainer = pl.Trainer(
+            **settings, max_epochs=config["max_epochs"],
+            limit_train_batches=config.get("limit_train_batches") or None,
+            max_time=timedelta(minutes=config["max_minutes"]),
+            gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
+            callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
+            enable_model_summary=False, default_root_dir=checkpoint_dir, plugins=[DurableCheckpointIO()],
+        )
+    except MisconfigurationException as error:  # a device this machine lacks
+        message = str(error).strip().splitlines()[0]
+        raise BenchError(f"accelerator={settings['accelerator']}, devices={settings['devices']}: {message}",
+                         "accelerator") from None
+    set_matmul_precision(trainer)
+    return trainer
+
+
+def check_devices(config: dict) -> None:
+    """A user error now, before anything is written, when this machine lacks the devices `config` asks for."""
+    build_trainer(config, [], progress=False)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -398,7 +432,7 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         fit = fit_and_test(config, data_dir, folder, label, logger, callbacks, progress, resume)
     record = RunRecord(run={"model": config["model"], "corpus": config["corpus"]},
                        quality=quality_figures(fit, config, data_dir), speed=speed_figures(fit),
-                       provenance=provenance(fit.model, config, commit)).as_dict()
+                       provenance=provenance(fit, config, commit)).as_dict()
     if run_dir is not None:
         write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))
         for name in {"best.ckpt", "last.ckpt"} - set(CHECKPOINTS[keep]):
@@ -474,14 +508,19 @@ def speed_figures(fit: FinishedFit) -> dict:
     }
 
 
-def provenance(model: pl.LightningModule, config: dict, commit: str | None) -> dict:
-    """What ran, on what: parameter count, peak memory, device, threads, seed, commit, library versions, the
-    configuration, and a plugin's name, source and version."""
-    device = str(model.device)
+def provenance(fit: FinishedFit, config: dict, commit: str | None) -> dict:
+    """What ran, on what: parameter count, peak memory, device (rank 0's), the devices of the run (every
+    process's, all nodes), the precision Lightning trained in (on CPU it runs 16-mixed as bf16-mixed) and that
+    of fp32 matrix products, threads, seed, commit, library versions, the configuration, and a plugin's name,
+    source and version."""
+    model, device = fit.model, str(fit.model.device)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),
         "device": device,
+        "devices": fit.trainer.world_size,
+        "precision": fit.trainer.precision,
+        "matmul_precision": torch.get_float32_matmul_precision(),
         "threads": torch.get_num_threads(),
         "seed": config["seed"],
         "git_commit": commit,

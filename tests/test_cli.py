@@ -19,6 +19,13 @@ from bench.config import allowed_keys, make_config
     (["train", "rnn-bp", "--set", "backprop=bptt"], "backprop is fixed for rnn-bp"),
     (["train", "lstm", "--set", "lr"], "expected key=value"),
     (["trian"], "invalid choice: 'trian'"),
+    (["train", "lstm", "--set", "precision=64"], "precision must be one of 32, bf16-mixed, 16-mixed, got 64"),
+    (["train", "lstm", "--set", "accelerator=tpu"], "accelerator must be one of auto, cpu, gpu, cuda, mps"),
+    (["train", "lstm", "--set", "strategy=ddp_spawn"], "strategy must be one of auto, ddp, got 'ddp_spawn'"),
+    (["train", "lstm", "--set", "devices=0"], "devices must be between 1 and 4096, got 0"),
+    (["train", "lstm", "--set", "devices=3"], "batch_size 20 does not split into 3 equal shares of streams"),
+    (["train", "kn", "--set", "devices=2"], "unknown hyper-parameter 'devices' for kn"),
+    (["train", "birnn", "--set", "devices=2"], "it is for language models only"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     storage = f"sqlite:///{tmp_path}/results.db"

@@ -251,10 +251,18 @@ class LanguageModel(ScoredModel):
         return self._step("train", batch)
 
     def validation_step(self, batch, batch_idx):
-        self._step("val", batch)
+        self._score("val", batch)
 
     def test_step(self, batch, batch_idx):
-        self._step("test", batch)
+        self._score("test", batch)
+
+    def _score(self, stage: str, batch) -> None:
+        """A scoring step in fp32 whatever the Trainer's precision (mixed precision speeds up training): the
+        figures stay the exact one-stream ones, and the streams join -- _join_streams runs outside autocast,
+        and a state computed in bf16 would neither agree with its own nor feed it (torch's RNNs refuse a
+        bf16 state with fp32 weights)."""
+        with torch.autocast(self.device.type, enabled=False):
+            self._step(stage, batch)
 
     def on_train_epoch_start(self):
         self._start("train")
