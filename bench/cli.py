@@ -155,10 +155,11 @@ def add_regress(commands) -> None:
     regress.add_argument("--data-dir", help="folder holding the corpora; with PTB there, a PTB slice is added")
 
 
-def run_and_store(config: dict, storage, study: str, **options) -> dict:
+def run_and_store(config: dict, storage, study: str, **options) -> dict | None:
     """run_experiment, its record stored in `study`; a run that raises or diverges is stored as a failed trial
-    with its reason and raises RunFailed. A user error (BenchError) stores nothing."""
-    from bench.harness import run_experiment
+    with its reason and raises RunFailed. A user error (BenchError) stores nothing. A DDP run's worker
+    process stores nothing and returns None: rank 0 stores the run."""
+    from bench.harness import is_worker_process, run_experiment
     from bench.models.plugins import model_spec
     from bench.store import save_failure, save_record
 
@@ -168,10 +169,12 @@ def run_and_store(config: dict, storage, study: str, **options) -> dict:
     except (BenchError, RunFailed):
         raise
     except Exception as error:
-        save_failure(storage, study, metric, one_line(error), {"config": config})
+        if not is_worker_process(config):
+            save_failure(storage, study, metric, one_line(error), {"config": config})
         raise RunFailed(f"{config['model']} on {config['corpus']} failed: {redact(one_line(error))}; stored as "
                         f"a failed trial of study {study}") from error
-    save_record(record, storage, study, metric)
+    if record is not None:
+        save_record(record, storage, study, metric)
     return record
 
 
@@ -213,7 +216,8 @@ def command_train(args) -> int:
                 print(f"bench: {failure}", file=sys.stderr, flush=True)
                 failures.append(failure)
                 continue
-        records.append(record)
+        if record is not None:  # None: a DDP worker process, whose rank 0 prints the tables
+            records.append(record)
     if records:
         print_tables(records)
     return 1 if failures else 0

@@ -175,6 +175,19 @@ def load_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) ->
 # consecutive batches continue the same streams and a recurrent model carries its hidden state across
 # them (detached at every chunk boundary: truncated BPTT). The feed-forward and n-gram models carry their
 # last n-1 words the same way.
+#
+# A DDP run of W processes trains on the same B streams, each process on a contiguous block of B/W of them,
+# read in the same chunk order, so that every process's state still follows its own streams:
+#
+#                 chunk 0   chunk 1   chunk 2 ...
+#     stream 0   |--------|--------|--------|     process 0: streams [0, B/W)
+#     ...        |--------|--------|--------|
+#     stream B/W |--------|--------|--------|     process 1: streams [B/W, 2B/W)
+#     ...
+#
+# Lightning's DistributedSampler would deal whole chunks to the processes in turn instead (chunk 0 to
+# process 0, chunk 1 to process 1, ...): each state would then carry into a chunk that does not follow it.
+# Validation and test are not split: every process scores the whole split, in one stream's exact figures.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -188,11 +201,20 @@ def batchify(ids: np.ndarray, eos: int, batch_size: int) -> tuple[torch.Tensor, 
     return tuple(torch.from_numpy(a.reshape(batch_size, length)) for a in (inputs, targets, mask))
 
 
-class StreamChunks(Dataset):
-    """Chunk i = steps [i*bptt, (i+1)*bptt) of every stream: one ready-made batch per item."""
+def process_streams(streams: torch.Tensor, rank: int, processes: int) -> torch.Tensor:
+    """Process `rank`'s streams of a DDP run of `processes` (see the diagram above): rows
+    [rank*B/W, (rank+1)*B/W) of the B streams (B, L), whole (bench.config checks that W divides B)."""
+    share = streams.shape[0] // processes
+    return streams[rank * share:(rank + 1) * share]
 
-    def __init__(self, ids: np.ndarray, eos: int, batch_size: int, bptt: int):
-        self.inputs, self.targets, self.mask = batchify(ids, eos, batch_size)
+
+class StreamChunks(Dataset):
+    """Chunk i = steps [i*bptt, (i+1)*bptt) of every stream (of process `rank`'s streams of `processes`):
+    one ready-made batch per item."""
+
+    def __init__(self, ids: np.ndarray, eos: int, batch_size: int, bptt: int, rank: int = 0, processes: int = 1):
+        self.inputs, self.targets, self.mask = (process_streams(a, rank, processes)
+                                                for a in batchify(ids, eos, batch_size))
         self.bptt = bptt
 
     def __len__(self) -> int:
@@ -220,12 +242,13 @@ class LanguageModelData(pl.LightningDataModule):
         self.corpus, self.batch_size, self.bptt = corpus, batch_size, bptt
         self.eval_batch_size, self.eval_bptt = eval_batch_size, max(eval_tokens // eval_batch_size, bptt, 1)
 
-    def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader:
-        chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, bptt)
+    def _loader(self, split: str, batch_size: int, bptt: int, rank: int = 0, processes: int = 1) -> DataLoader:
+        chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, bptt, rank, processes)
         return DataLoader(chunks, batch_size=None, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.bptt)
+        """This process's streams (all of them outside a DDP run)."""
+        return self._loader("train", self.batch_size, self.bptt, self.trainer.global_rank, self.trainer.world_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", self.eval_batch_size, self.eval_bptt)

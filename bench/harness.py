@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from bench.config import TRAINER_DEFAULTS, model_arguments
@@ -64,6 +65,7 @@ class SpeedMonitor(pl.Callback):
         self.recovery = recovery
         self.recovered_from = [recovery] if recovery else []
         self.test_seconds = 0.0
+        self._epoch_tokens = 0  # this process's; every process's are added at the epoch's end
         self._wall_before = 0.0  # wall seconds of earlier processes, up to the checkpoint resumed from
         self._wall_start = self._epoch_seconds = 0.0
 
@@ -86,7 +88,7 @@ class SpeedMonitor(pl.Callback):
         self._wall_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._epoch_seconds = 0.0
+        self._epoch_seconds, self._epoch_tokens = 0.0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._batch_start = time.perf_counter()
@@ -94,9 +96,12 @@ class SpeedMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._epoch_seconds += time.perf_counter() - self._batch_start
         self.train_batches += 1
-        self.train_tokens += int(batch[2].sum())  # the mask of a stream batch, the lengths of a sentence batch
+        self._epoch_tokens += int(batch[2].sum())  # the mask of a stream batch, the lengths of a sentence batch
 
     def on_train_epoch_end(self, trainer, pl_module):
+        # tokens per second of the run: the processes of a DDP run train their streams side by side
+        tokens = torch.tensor(self._epoch_tokens, device=pl_module.device)
+        self.train_tokens += int(trainer.strategy.reduce(tokens, reduce_op="sum"))
         self.train_seconds.append(self._epoch_seconds)
 
     def on_validation_end(self, trainer, pl_module):
@@ -119,7 +124,8 @@ class EpochLines(pl.Callback):
         self.speed, self.label = speed, label
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.speed.curve:
+        if (trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.speed.curve
+                or not trainer.is_global_zero):
             return
         epoch, seconds, value = self.speed.curve[-1]
         rate = next((f", lr {group['lr']:.4g}" for optimizer in trainer.optimizers
@@ -271,11 +277,13 @@ def set_matmul_precision(trainer: pl.Trainer) -> None:
 
 def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = True,
                   checkpoint_dir: str | None = None) -> pl.Trainer:
-    """The Trainer of `config`."""
+    """The Trainer of `config`. use_distributed_sampler=False: Lightning's DistributedSampler would deal the
+    stream chunks to the processes of a DDP run in turn, and a recurrent state would then carry across
+    chunks that do not follow each other; bench.data gives each process its own streams instead."""
     settings = trainer_settings(config)
     try:
         trainer = pl.Trainer(
-            **settings, max_epochs=config["max_epochs"],
+            **settings, use_distributed_sampler=False, max_epochs=config["max_epochs"],
             limit_train_batches=config.get("limit_train_batches") or None,
             max_time=timedelta(minutes=config["max_minutes"]),
             gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
@@ -293,6 +301,15 @@ def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = T
 def check_devices(config: dict) -> None:
     """A user error now, before anything is written, when this machine lacks the devices `config` asks for."""
     build_trainer(config, [], progress=False)
+
+
+def is_worker_process(config: dict) -> bool:
+    """Whether this process is one of a DDP run's other than its global rank 0 (Lightning's rank: from the
+    environment the run's processes start with, then the strategy's). Each process runs the whole command;
+    a worker trains and scores as rank 0 does but writes nothing, so that the run has one record and one
+    trial. Never for a one-process run, whatever the environment says (a SLURM task of an array job)."""
+    settings = trainer_settings(config)
+    return settings["devices"] * settings["num_nodes"] > 1 and rank_zero_only.rank != 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -414,11 +431,12 @@ class FinishedFit:
 
 def run_experiment(config: dict, data_dir: str | None = None, logger=None, callbacks: tuple = (),
                    progress: bool = True, run_dir: Path | None = None, resume: bool = False,
-                   keep: str = "best") -> dict:
+                   keep: str = "best") -> dict | None:
     """Train and evaluate one validated configuration (bench.config.make_config); return its record.
 
     `run_dir` keeps the checkpoints (see Run folders above; None: a temporary folder); with `resume`, an
-    interrupted run of the same configuration there goes on from its last completed epoch."""
+    interrupted run of the same configuration there goes on from its last completed epoch. A DDP run's worker
+    processes return None (is_worker_process)."""
     commit = git_commit()  # the code that starts the run (a run going on across commits keeps its first)
     # Subnormal floats take the CPU's slow path: Adam's moments of words unseen for a few hundred steps decay
     # into them (PTB, class-100 RNN, 32 streams: an epoch went from 3 to over 13 minutes, all in Adam.step).
@@ -430,6 +448,8 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
         folder = Path(run_dir) if run_dir is not None else Path(temporary)
         label = folder.name if run_dir is not None else config["model"]
         fit = fit_and_test(config, data_dir, folder, label, logger, callbacks, progress, resume)
+    if is_worker_process(config):
+        return None
     record = RunRecord(run={"model": config["model"], "corpus": config["corpus"]},
                        quality=quality_figures(fit, config, data_dir), speed=speed_figures(fit),
                        provenance=provenance(fit, config, commit)).as_dict()
