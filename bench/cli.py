@@ -12,6 +12,7 @@ import sys
 import threading
 import traceback
 import warnings
+from pathlib import Path
 
 from bench.errors import BenchError, Interrupted, RunFailed, one_line
 from bench.redact import redact
@@ -60,8 +61,11 @@ def common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_folder_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", default="runs", help="folder of the runs' checkpoints, one subfolder per "
-                                                          "study and run (default: ./runs)")
+    # absolute from the start (argparse converts the default too): a trial requeued on a worker started
+    # elsewhere finds its folder, and the record names it
+    parser.add_argument("--run-dir", type=lambda text: Path(text).resolve(), default="runs",
+                        help="folder of the runs' checkpoints, one subfolder per study and run (default: ./runs, "
+                             "made absolute at start)")
     parser.add_argument("--keep", choices=("best", "last", "all", "none"), default="best",
                         help="checkpoints a finished run keeps (default: best)")
 

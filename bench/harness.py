@@ -434,9 +434,9 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
                    keep: str = "best") -> dict | None:
     """Train and evaluate one validated configuration (bench.config.make_config); return its record.
 
-    `run_dir` keeps the checkpoints (see Run folders above; None: a temporary folder); with `resume`, an
-    interrupted run of the same configuration there goes on from its last completed epoch. A DDP run's worker
-    processes return None (is_worker_process)."""
+    `run_dir` keeps the checkpoints (see Run folders above; None: a temporary folder), made absolute so that
+    the record names it wherever it is read; with `resume`, an interrupted run of the same configuration
+    there goes on from its last completed epoch. A DDP run's worker processes return None (is_worker_process)."""
     commit = git_commit()  # the code that starts the run (a run going on across commits keeps its first)
     # Subnormal floats take the CPU's slow path: Adam's moments of words unseen for a few hundred steps decay
     # into them (PTB, class-100 RNN, 32 streams: an epoch went from 3 to over 13 minutes, all in Adam.step).
@@ -445,14 +445,14 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
     reset_peak_memory()
     data_dir = str(data_dir) if data_dir else None
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as temporary:
-        folder = Path(run_dir) if run_dir is not None else Path(temporary)
+        folder = Path(run_dir).resolve() if run_dir is not None else Path(temporary)
         label = folder.name if run_dir is not None else config["model"]
         fit = fit_and_test(config, data_dir, folder, label, logger, callbacks, progress, resume)
     if is_worker_process(config):
         return None
     record = RunRecord(run={"model": config["model"], "corpus": config["corpus"]},
                        quality=quality_figures(fit, config, data_dir), speed=speed_figures(fit),
-                       provenance=provenance(fit, config, commit)).as_dict()
+                       provenance=provenance(fit, config, commit, folder if run_dir is not None else None)).as_dict()
     if run_dir is not None:
         write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))
         for name in {"best.ckpt", "last.ckpt"} - set(CHECKPOINTS[keep]):
@@ -528,11 +528,11 @@ def speed_figures(fit: FinishedFit) -> dict:
     }
 
 
-def provenance(fit: FinishedFit, config: dict, commit: str | None) -> dict:
+def provenance(fit: FinishedFit, config: dict, commit: str | None, run_dir: Path | None) -> dict:
     """What ran, on what: parameter count, peak memory, device (rank 0's), the devices of the run (every
     process's, all nodes), the precision Lightning trained in (on CPU it runs 16-mixed as bf16-mixed) and that
-    of fp32 matrix products, threads, seed, commit, library versions, the configuration, and a plugin's name,
-    source and version."""
+    of fp32 matrix products, threads, the run folder (absolute; None: a temporary one), seed, commit, library
+    versions, the configuration, and a plugin's name, source and version."""
     model, device = fit.model, str(fit.model.device)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -542,6 +542,7 @@ def provenance(fit: FinishedFit, config: dict, commit: str | None) -> dict:
         "precision": fit.trainer.precision,
         "matmul_precision": torch.get_float32_matmul_precision(),
         "threads": torch.get_num_threads(),
+        "run_dir": str(run_dir) if run_dir is not None else None,
         "seed": config["seed"],
         "git_commit": commit,
         "versions": library_versions(),

@@ -13,7 +13,7 @@ import optuna
 import pytest
 import torch
 
-from bench.cli import main
+from bench.cli import build_parser, main
 from bench.config import make_config
 from bench.data import LanguageModelData, StreamChunks, batchify, process_streams
 from bench.errors import BenchError
@@ -100,6 +100,15 @@ def test_a_missing_device_is_a_user_error_before_anything_is_written(tmp_path, c
     assert err == "bench: error: accelerator=gpu, devices=1: No supported gpu backend found!"
     assert not (tmp_path / "results.db").exists() and not (tmp_path / "runs").exists()
 
+
+def test_the_run_folder_is_absolute_and_named_in_the_record(tiny_ptb, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert build_parser().parse_args(["train", "lstm"]).run_dir == tmp_path.resolve() / "runs"
+    record = run_experiment(make_config("rnn-bptt", TINY), data_dir=tiny_ptb, progress=False,
+                            run_dir=Path("runs/one"))
+    assert record["run_dir"] == str(tmp_path.resolve() / "runs" / "one")
+    assert json.loads((tmp_path / "runs" / "one" / "record.json").read_text())["run_dir"] == record["run_dir"]
+    assert run_experiment(make_config("rnn-bptt", TINY), data_dir=tiny_ptb, progress=False)["run_dir"] is None
 
 
 @pytest.mark.slow
