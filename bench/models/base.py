@@ -167,9 +167,9 @@ class LanguageModel(ScoredModel):
 
     def setup(self, stage: str) -> None:
         """A run on several processes (DDP) keeps every gradient dense: DDP's reducer takes the class layer's
-        sparse word rows for dense ones and fails (CPU, gloo: "Cannot access storage of SparseTensorImpl"),
-        and all-reduces sparse embedding gradients over gloo only. Before configure_optimizers, which
-        groups the parameters by it (make_optimizer)."""
+        sparse word rows for dense ones and fails (CPU, gloo: "Cannot access storage of SparseTensorImpl");
+        the embeddings' sparse gradients did all-reduce over gloo, but have never been tried over NCCL. Runs
+        before configure_optimizers, which groups the parameters by it (make_optimizer)."""
         if self.trainer.world_size > 1:
             for module in self.modules():
                 if isinstance(module, torch.nn.Embedding):
