@@ -124,7 +124,7 @@ def test_model_help_lists_each_hyper_parameter_with_its_type_range_and_default(c
     assert set(rows) == set(allowed_keys("rnn-bptt")) | {"backprop"} and set(config) - {"model"} <= set(rows)
     assert rows["lr"][1:5] == ["float", "1e-08", "..", "10,000"] and float(rows["lr"][5]) == config["lr"]
     assert rows["activation"][1:6] == ["str", "sigmoid,", "tanh,", "relu", "sigmoid"]
-    assert rows["corpus"][2:6] == ["synthetic,", "ptb,", "wikitext-2", "synthetic"]  # the task's corpora only
+    assert rows["corpus"][2:7] == ["synthetic,", "ptb,", "wikitext-2,", "wikitext-103", "synthetic"]  # the task's
     assert rows["backprop"][1:3] == ["fixed", "bptt"]
     assert main(["train", "nope", "--help"]) == 2
 
