@@ -12,6 +12,7 @@ import sys
 import threading
 import traceback
 import warnings
+from pathlib import Path
 
 from bench.errors import BenchError, Interrupted, RunFailed, one_line
 from bench.redact import redact
@@ -60,8 +61,11 @@ def common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_folder_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", default="runs", help="folder of the runs' checkpoints, one subfolder per "
-                                                          "study and run (default: ./runs)")
+    # absolute from the start (argparse converts the default too): a trial requeued on a worker started
+    # elsewhere finds its folder, and the record names it
+    parser.add_argument("--run-dir", type=lambda text: Path(text).resolve(), default="runs",
+                        help="folder of the runs' checkpoints, one subfolder per study and run (default: ./runs, "
+                             "made absolute at start)")
     parser.add_argument("--keep", choices=("best", "last", "all", "none"), default="best",
                         help="checkpoints a finished run keeps (default: best)")
 
@@ -155,10 +159,11 @@ def add_regress(commands) -> None:
     regress.add_argument("--data-dir", help="folder holding the corpora; with PTB there, a PTB slice is added")
 
 
-def run_and_store(config: dict, storage, study: str, **options) -> dict:
+def run_and_store(config: dict, storage, study: str, **options) -> dict | None:
     """run_experiment, its record stored in `study`; a run that raises or diverges is stored as a failed trial
-    with its reason and raises RunFailed. A user error (BenchError) stores nothing."""
-    from bench.harness import run_experiment
+    with its reason and raises RunFailed. A user error (BenchError) stores nothing. A DDP run's worker
+    process stores nothing and returns None: rank 0 stores the run."""
+    from bench.harness import is_worker_process, run_experiment
     from bench.models.plugins import model_spec
     from bench.store import save_failure, save_record
 
@@ -168,10 +173,12 @@ def run_and_store(config: dict, storage, study: str, **options) -> dict:
     except (BenchError, RunFailed):
         raise
     except Exception as error:
-        save_failure(storage, study, metric, one_line(error), {"config": config})
+        if not is_worker_process(config):
+            save_failure(storage, study, metric, one_line(error), {"config": config})
         raise RunFailed(f"{config['model']} on {config['corpus']} failed: {redact(one_line(error))}; stored as "
                         f"a failed trial of study {study}") from error
-    save_record(record, storage, study, metric)
+    if record is not None:
+        save_record(record, storage, study, metric)
     return record
 
 
@@ -188,12 +195,13 @@ def command_train(args) -> int:
     require(config["corpus"], args.data_dir)
     check_writable(Path(args.run_dir))
 
-    from bench.harness import finished_record, run_folder_name
+    from bench.harness import check_devices, finished_record, run_folder_name
     from bench.store import open_storage
     from bench.tables import print_tables
     from bench.threads import use_threads
 
     quiet_libraries()
+    check_devices(config)
     use_threads()
     storage = open_storage(args.storage)
     study = f"train-{args.model}-{args.corpus}"
@@ -212,7 +220,8 @@ def command_train(args) -> int:
                 print(f"bench: {failure}", file=sys.stderr, flush=True)
                 failures.append(failure)
                 continue
-        records.append(record)
+        if record is not None:  # None: a DDP worker process, whose rank 0 prints the tables
+            records.append(record)
     if records:
         print_tables(records)
     return 1 if failures else 0

@@ -39,10 +39,12 @@ class Param:
             return [Param(float, self.low, self.high).check(key, v) for v in values]
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
-            raise BenchError(f"{key} must be {self.kind.__name__}, got {value!r}", key)
+        if self.kind is str and isinstance(value, int) and str(value) in self.choices:
+            value = str(value)  # YAML reads `precision=32` as a number
         if self.choices and value not in self.choices:
             raise BenchError(f"{key} must be one of {', '.join(map(str, self.choices))}, got {value!r}", key)
+        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
+            raise BenchError(f"{key} must be {self.kind.__name__}, got {value!r}", key)
         if self.kind in (int, float) and not self.low <= value <= self.high:
             raise BenchError(f"{key} must be between {self.low:g} and {self.high:g}, got {value!r}", key)
         return value
@@ -69,6 +71,21 @@ HARNESS = {
     "kn_order": Param(int, 0, 9, help="interpolate with a Kneser-Ney model of this order (0: off)"),
     "limit_train_batches": Param(int, 0, 10**9, help="training batches per epoch (0: all)"),
 }
+# Settings of Lightning's Trainer: where a run trains, and in what precision. At their defaults they stay out
+# of the configuration (TRAINER_DEFAULTS fills them in), so a run on one device keeps the configuration, and
+# the run folder, it had before these settings existed. ddp_spawn is not offered: its workers hand back only
+# the weights and the logged metrics, not the harness's clock, curve and exact perplexities.
+TRAINER = {
+    "accelerator": Param(str, choices=("auto", "cpu", "gpu", "cuda", "mps"), help="device kind (auto: a visible "
+                                                                                  "GPU, else the CPU)"),
+    "devices": Param(int, 1, 4096, help="devices per node; several: one run in data parallel (DDP), the training "
+                                        "streams split among them"),
+    "num_nodes": Param(int, 1, 4096, help="machines of a DDP run"),
+    "strategy": Param(str, choices=("auto", "ddp"), help="auto, or ddp (one process per device)"),
+    "precision": Param(str, choices=("32", "bf16-mixed", "16-mixed"), help="32-bit, or mixed precision under "
+                                                                           "autocast (on CPU 16-mixed runs as bf16)"),
+}
+TRAINER_DEFAULTS = dict(accelerator="auto", devices=1, num_nodes=1, strategy="auto", precision="32")
 # The options of each schedule, with their defaults; an option of another schedule than the run's is an error.
 SCHEDULE_OPTIONS = {"plateau": {"patience": 1}, "rnnlm": {"min_improvement": 1.003},
                     "zaremba": {"decay": 0.5, "decay_after": 4}}
@@ -125,7 +142,7 @@ def allowed_keys(model: str) -> list[str]:
     optional = set(TRAINING_KEYS + LM_KEYS + NEURAL_LM_KEYS)
     # a built-in model takes the settings its registry entry sets; a plugin its constructor's parameters
     keys = set(HARNESS) - optional | (set(spec.params) if spec.plugin else set(spec.defaults))
-    keys |= set(TRAINING_KEYS) if spec.neural else set()
+    keys |= set(TRAINING_KEYS) | set(TRAINER) if spec.neural else set()
     keys |= set(LM_KEYS) if spec.task == "lm" else set()
     keys |= set(NEURAL_LM_KEYS) if spec.neural and spec.task == "lm" else set()
     return sorted(keys)
@@ -140,7 +157,7 @@ def parameter_table(model: str) -> list[dict]:
     """What `bench train MODEL --help` lists: every key `--set` accepts for `model`, as validation checks it
     (type, range or choices) and with the default `bench train` uses; then the model's fixed settings."""
     spec = model_spec(model)
-    defaults = {**HARNESS_DEFAULTS, **spec.defaults}
+    defaults = {**HARNESS_DEFAULTS, **TRAINER_DEFAULTS, **spec.defaults}
     defaults |= SCHEDULE_OPTIONS.get(defaults.get("schedule"), {})
     params = parameters(spec)
     rows = []
@@ -165,7 +182,7 @@ def parameters(spec) -> dict[str, Param]:
     their types (a harness key keeps the suite's range even where a plugin takes it too)."""
     own = {key: Param(kind, choices=choices, help="the plugin's own (its constructor's parameter)")
            for key, (kind, choices) in spec.params.items()}
-    return {**MODEL, **own, **HARNESS}
+    return {**MODEL, **own, **HARNESS, **TRAINER}
 
 
 def make_config(model: str, overrides: dict | None = None, quick: bool = False) -> dict:
@@ -192,13 +209,29 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     params = parameters(spec)
     for key, value in config.items():
         config[key] = params[key].check(key, value)
+    config = {key: value for key, value in config.items() if TRAINER_DEFAULTS.get(key, ...) != value}
     if config["corpus"] not in TASK_CORPORA[spec.task]:
         raise BenchError(f"{model} needs a {'tagging' if spec.task == 'tagging' else 'language-model'} corpus: "
                          f"choose one of {', '.join(TASK_CORPORA[spec.task])}, got {config['corpus']!r}")
     for key, layer in OUTPUT_OPTIONS.items():
         if key in config and config.get("output") != layer:
             raise BenchError(f"{key} applies to output={layer}, not output={config.get('output')}", key)
+    check_processes(spec, config)
     return {"model": model, **config}
+
+
+def check_processes(spec, config: dict) -> None:
+    """A run on several devices splits the training streams among its processes (bench.data): a language
+    model's, in equal shares."""
+    processes = config.get("devices", 1) * config.get("num_nodes", 1)
+    if processes == 1:
+        return
+    if spec.task != "lm":
+        raise BenchError(f"devices={config.get('devices', 1)}, num_nodes={config.get('num_nodes', 1)}: a run on "
+                         "several devices splits token streams, so it is for language models only", "devices")
+    if config["batch_size"] % processes:
+        raise BenchError(f"batch_size {config['batch_size']} does not split into {processes} equal shares of "
+                         f"streams (devices x num_nodes)", "batch_size")
 
 
 def with_schedule_options(model: str, config: dict, overrides: dict) -> dict:

@@ -27,6 +27,7 @@ class FileCorpus:
     hub_name: str
     hub_config: str | None = None
     hub_column: str = "text"
+    streamed: bool = False  # read line by line into id arrays (bench.data.read_streamed): too big for token lists
 
 
 FILE_CORPORA = {
@@ -37,6 +38,10 @@ FILE_CORPORA = {
     "wikitext-2": FileCorpus(
         files={s: f"wikitext-2/{s}.txt" for s in SPLITS},
         hub_name="Salesforce/wikitext", hub_config="wikitext-2-v1", hub_column="text",
+    ),
+    "wikitext-103": FileCorpus(
+        files={s: f"wikitext-103/{s}.txt" for s in SPLITS},
+        hub_name="Salesforce/wikitext", hub_config="wikitext-103-v1", hub_column="text", streamed=True,
     ),
 }
 CORPORA = ("synthetic", *FILE_CORPORA)

@@ -11,6 +11,9 @@ frequency-based output layers rely on that); out-of-vocabulary words map to `<un
 from __future__ import annotations
 
 import os
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +128,77 @@ def _read_file_corpus(name: str, data_dir: str | Path | None) -> dict[str, list[
     return _read_hub(name, spec) if paths is None else _read_local(paths)
 
 
+# A streamed corpus (WikiText-103: 103M training tokens) is never held as lists of lines or of tokens -- a
+# Python string a token would take several GB. Its files are read line by line twice: once to count the
+# training words, once to write every split's ids into an int64 array. Memory: the vocabulary and the ids.
+
+
+def _local_lines(path: Path) -> Iterator[str]:
+    """The lines of `path`, ended by \n only, as `datasets` reads them; not UTF-8 is a user error naming the
+    line (check_text_file would read the file whole)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise BenchError(f"{path}, line {number}: not UTF-8 text (byte {line[error.start]:#04x}); save the "
+                                 "file as UTF-8") from None
+
+
+def _hub_lines(name: str, spec: FileCorpus, split: str) -> Iterator[str]:
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(spec.hub_name, spec.hub_config, split=HUB_SPLITS[split], streaming=True)
+    except Exception as error:  # whatever the Hub answered (no such dataset, a dropped connection)
+        raise BenchError(f"corpus {name!r}: reading {spec.hub_name} from the Hugging Face Hub failed "
+                         f"({type(error).__name__}); put {', '.join(spec.files.values())} under the data folder "
+                         "instead") from None
+    return (row[spec.hub_column] for row in rows)
+
+
+def streamed_vocabulary(lines: Iterable[str]) -> Vocabulary:
+    """build_vocabulary of the training lines, counted a line at a time: ids by descending count, ties in
+    order of first occurrence (a Counter keeps it, and the sort is stable)."""
+    counts = Counter()
+    for line in lines:
+        counts.update(line.split())
+        counts[EOS] += 1
+    words = sorted(counts, key=counts.__getitem__, reverse=True)  # reverse keeps ties' order in Python's sort
+    return Vocabulary(words=words, counts=np.array([counts[w] for w in words], dtype=np.int64))
+
+
+def streamed_ids(lines: Iterable[str], vocab: Vocabulary, where: str) -> np.ndarray:
+    """encode(tokenize(lines)) a line at a time, into an array of 8 bytes a token."""
+    index, unk, ids = {word: i for i, word in enumerate(vocab.words)}, vocab.unk, array("q")
+    for line in lines:
+        for word in line.split():
+            i = index.get(word, unk)
+            if i is None:
+                raise BenchError(f"{where}: word {word!r} is not in the training vocabulary and the corpus has "
+                                 f"no {UNK}")
+            ids.append(i)
+        ids.append(vocab.eos)
+    return np.frombuffer(ids, dtype=np.int64)
+
+
+def read_streamed(name: str, data_dir: str | Path | None) -> tuple[Vocabulary, dict[str, np.ndarray]]:
+    """The vocabulary and split ids of the streamed corpus `name`, from its files or the Hub's stream."""
+    spec = FILE_CORPORA[name]
+    paths = locate(name, spec, data_dir)
+    for split, path in (paths or {}).items():
+        if not os.access(path, os.R_OK) or path.stat().st_size == 0:
+            raise BenchError(f"{path}: the {split} file cannot be read or is empty")
+
+    def lines(split: str) -> Iterator[str]:
+        return _hub_lines(name, spec, split) if paths is None else _local_lines(paths[split])
+
+    vocab = streamed_vocabulary(lines("train"))
+    if not any(w != EOS for w in vocab.words):
+        raise BenchError(f"corpus {name!r}: the training split has no words")
+    return vocab, {split: streamed_ids(lines(split), vocab, f"{name} {split}") for split in SPLITS}
+
+
 def synthetic_lines(seed: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray], list[str]]:
     """The synthetic corpus of `seed` (generated once, cached per user): lines per split, the oracle's log p
     per token per split, and the language's whole vocabulary."""
@@ -145,6 +219,9 @@ def load_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) ->
     """The corpus `name` as token-id arrays. `seed` only matters for `synthetic`."""
     if name not in CORPORA:
         raise BenchError(f"unknown corpus {name!r}: choose one of {', '.join(CORPORA)}")
+    if name in FILE_CORPORA and FILE_CORPORA[name].streamed:
+        vocab, splits = read_streamed(name, data_dir)
+        return Corpus(name=name, vocab=vocab, splits=splits)
     oracle, known_words = None, None
     if name == "synthetic":
         lines, oracle, known_words = synthetic_lines(seed)
@@ -175,6 +252,19 @@ def load_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) ->
 # consecutive batches continue the same streams and a recurrent model carries its hidden state across
 # them (detached at every chunk boundary: truncated BPTT). The feed-forward and n-gram models carry their
 # last n-1 words the same way.
+#
+# A DDP run of W processes trains on the same B streams, each process on a contiguous block of B/W of them,
+# read in the same chunk order, so that every process's state still follows its own streams:
+#
+#                 chunk 0   chunk 1   chunk 2 ...
+#     stream 0   |--------|--------|--------|     process 0: streams [0, B/W)
+#     ...        |--------|--------|--------|
+#     stream B/W |--------|--------|--------|     process 1: streams [B/W, 2B/W)
+#     ...
+#
+# Lightning's DistributedSampler would deal whole chunks to the processes in turn instead (chunk 0 to
+# process 0, chunk 1 to process 1, ...): each state would then carry into a chunk that does not follow it.
+# Validation and test are not split: every process scores the whole split, in one stream's exact figures.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -188,11 +278,20 @@ def batchify(ids: np.ndarray, eos: int, batch_size: int) -> tuple[torch.Tensor, 
     return tuple(torch.from_numpy(a.reshape(batch_size, length)) for a in (inputs, targets, mask))
 
 
-class StreamChunks(Dataset):
-    """Chunk i = steps [i*bptt, (i+1)*bptt) of every stream: one ready-made batch per item."""
+def process_streams(streams: torch.Tensor, rank: int, processes: int) -> torch.Tensor:
+    """Process `rank`'s streams of a DDP run of `processes` (see the diagram above): rows
+    [rank*B/W, (rank+1)*B/W) of the B streams (B, L), whole (bench.config checks that W divides B)."""
+    share = streams.shape[0] // processes
+    return streams[rank * share:(rank + 1) * share]
 
-    def __init__(self, ids: np.ndarray, eos: int, batch_size: int, bptt: int):
-        self.inputs, self.targets, self.mask = batchify(ids, eos, batch_size)
+
+class StreamChunks(Dataset):
+    """Chunk i = steps [i*bptt, (i+1)*bptt) of every stream (of process `rank`'s streams of `processes`):
+    one ready-made batch per item."""
+
+    def __init__(self, ids: np.ndarray, eos: int, batch_size: int, bptt: int, rank: int = 0, processes: int = 1):
+        self.inputs, self.targets, self.mask = (process_streams(a, rank, processes)
+                                                for a in batchify(ids, eos, batch_size))
         self.bptt = bptt
 
     def __len__(self) -> int:
@@ -220,12 +319,13 @@ class LanguageModelData(pl.LightningDataModule):
         self.corpus, self.batch_size, self.bptt = corpus, batch_size, bptt
         self.eval_batch_size, self.eval_bptt = eval_batch_size, max(eval_tokens // eval_batch_size, bptt, 1)
 
-    def _loader(self, split: str, batch_size: int, bptt: int) -> DataLoader:
-        chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, bptt)
+    def _loader(self, split: str, batch_size: int, bptt: int, rank: int = 0, processes: int = 1) -> DataLoader:
+        chunks = StreamChunks(self.corpus.splits[split], self.corpus.vocab.eos, batch_size, bptt, rank, processes)
         return DataLoader(chunks, batch_size=None, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.bptt)
+        """This process's streams (all of them outside a DDP run)."""
+        return self._loader("train", self.batch_size, self.bptt, self.trainer.global_rank, self.trainer.world_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", self.eval_batch_size, self.eval_bptt)

@@ -30,10 +30,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from bench.config import model_arguments
+from bench.config import TRAINER_DEFAULTS, model_arguments
 from bench.data import Corpus, LanguageModelData, load_corpus
-from bench.errors import one_line
+from bench.errors import BenchError, one_line
 from bench.interpolation import tune_interpolation
 from bench.models.kneser_ney import KneserNey
 from bench.models.plugins import model_spec
@@ -63,6 +65,7 @@ class SpeedMonitor(pl.Callback):
         self.recovery = recovery
         self.recovered_from = [recovery] if recovery else []
         self.test_seconds = 0.0
+        self._epoch_tokens = 0  # this process's; every process's are added at the epoch's end
         self._wall_before = 0.0  # wall seconds of earlier processes, up to the checkpoint resumed from
         self._wall_start = self._epoch_seconds = 0.0
 
@@ -85,7 +88,7 @@ class SpeedMonitor(pl.Callback):
         self._wall_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._epoch_seconds = 0.0
+        self._epoch_seconds, self._epoch_tokens = 0.0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._batch_start = time.perf_counter()
@@ -93,9 +96,12 @@ class SpeedMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._epoch_seconds += time.perf_counter() - self._batch_start
         self.train_batches += 1
-        self.train_tokens += int(batch[2].sum())  # the mask of a stream batch, the lengths of a sentence batch
+        self._epoch_tokens += int(batch[2].sum())  # the mask of a stream batch, the lengths of a sentence batch
 
     def on_train_epoch_end(self, trainer, pl_module):
+        # tokens per second of the run: the processes of a DDP run train their streams side by side
+        tokens = torch.tensor(self._epoch_tokens, device=pl_module.device)
+        self.train_tokens += int(trainer.strategy.reduce(tokens, reduce_op="sum"))
         self.train_seconds.append(self._epoch_seconds)
 
     def on_validation_end(self, trainer, pl_module):
@@ -118,7 +124,8 @@ class EpochLines(pl.Callback):
         self.speed, self.label = speed, label
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.speed.curve:
+        if (trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self.speed.curve
+                or not trainer.is_global_zero):
             return
         epoch, seconds, value = self.speed.curve[-1]
         rate = next((f", lr {group['lr']:.4g}" for optimizer in trainer.optimizers
@@ -235,16 +242,60 @@ class DurableCheckpointIO(TorchCheckpointIO):
         write_atomically(Path(path), buffer.getbuffer())
 
 
+def trainer_settings(config: dict) -> dict:
+    """The Trainer's accelerator, devices, num_nodes, strategy and precision of `config` (bench.config.TRAINER).
+    A model without gradient steps (the n-gram) counts on the CPU whatever they say: its estimator works on
+    numpy arrays, and a device would only copy every chunk there and back."""
+    if not model_spec(config["model"]).neural:
+        return {**TRAINER_DEFAULTS, "accelerator": "cpu"}
+    return {key: config.get(key, default) for key, default in TRAINER_DEFAULTS.items()}
+
+
+def set_matmul_precision(trainer: pl.Trainer) -> None:
+    """TF32 for fp32 matrix products where the device has it (CUDA, compute capability 8.0 and up): fp32's
+    range with a 10-bit mantissa, several times the fp32 throughput; the perplexities are still summed in
+    float64. Full fp32 everywhere else, the CPU included -- the setting is process-wide, and on a CPU with
+    bf16 units oneDNN may take "high" as leave to round the fp32 products the CPU figures were measured with."""
+    device = trainer.strategy.root_device
+    tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
 def build_trainer(config: dict, callbacks: list, logger=None, progress: bool = True,
                   checkpoint_dir: str | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="auto", devices=1, max_epochs=config["max_epochs"],
-        limit_train_batches=config.get("limit_train_batches") or None,
-        max_time=timedelta(minutes=config["max_minutes"]),
-        gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
-        callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
-        enable_model_summary=False, default_root_dir=checkpoint_dir, plugins=[DurableCheckpointIO()],
-    )
+    """The Trainer of `config`. use_distributed_sampler=False: Lightning's DistributedSampler would deal the
+    stream chunks to the processes of a DDP run in turn, and a recurrent state would then carry across
+    chunks that do not follow each other; bench.data gives each process its own streams instead."""
+    settings = trainer_settings(config)
+    try:
+        trainer = pl.Trainer(
+            **settings, use_distributed_sampler=False, max_epochs=config["max_epochs"],
+            limit_train_batches=config.get("limit_train_batches") or None,
+            max_time=timedelta(minutes=config["max_minutes"]),
+            gradient_clip_val=config.get("clip") or None, deterministic=True, num_sanity_val_steps=0,
+            callbacks=callbacks, logger=logger if logger is not None else False, enable_progress_bar=progress,
+            enable_model_summary=False, default_root_dir=checkpoint_dir, plugins=[DurableCheckpointIO()],
+        )
+    except MisconfigurationException as error:  # a device this machine lacks
+        message = str(error).strip().splitlines()[0]
+        raise BenchError(f"accelerator={settings['accelerator']}, devices={settings['devices']}: {message}",
+                         "accelerator") from None
+    set_matmul_precision(trainer)
+    return trainer
+
+
+def check_devices(config: dict) -> None:
+    """A user error now, before anything is written, when this machine lacks the devices `config` asks for."""
+    build_trainer(config, [], progress=False)
+
+
+def is_worker_process(config: dict) -> bool:
+    """Whether this process is one of a DDP run's other than its global rank 0 (Lightning's rank: from the
+    environment the run's processes start with, then the strategy's). Each process runs the whole command;
+    a worker trains and scores as rank 0 does but writes nothing, so that the run has one record and one
+    trial. Never for a one-process run, whatever the environment says (a SLURM task of an array job)."""
+    settings = trainer_settings(config)
+    return settings["devices"] * settings["num_nodes"] > 1 and rank_zero_only.rank != 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -342,11 +393,12 @@ class FinishedFit:
 
 def run_experiment(config: dict, data_dir: str | None = None, logger=None, callbacks: tuple = (),
                    progress: bool = True, run_dir: Path | None = None, resume: bool = False,
-                   keep: str = "best") -> dict:
+                   keep: str = "best") -> dict | None:
     """Train and evaluate one validated configuration (bench.config.make_config); return its record.
 
-    `run_dir` keeps the checkpoints (see Run folders above; None: a temporary folder); with `resume`, an
-    interrupted run of the same configuration there goes on from its last completed epoch."""
+    `run_dir` keeps the checkpoints (see Run folders above; None: a temporary folder), made absolute so that
+    the record names it wherever it is read; with `resume`, an interrupted run of the same configuration
+    there goes on from its last completed epoch. A DDP run's worker processes return None (is_worker_process)."""
     commit = git_commit()  # the code that starts the run (a run going on across commits keeps its first)
     # Subnormal floats take the CPU's slow path: Adam's moments of words unseen for a few hundred steps decay
     # into them (PTB, class-100 RNN, 32 streams: an epoch went from 3 to over 13 minutes, all in Adam.step).
@@ -355,12 +407,14 @@ def run_experiment(config: dict, data_dir: str | None = None, logger=None, callb
     reset_peak_memory()
     data_dir = str(data_dir) if data_dir else None
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as temporary:
-        folder = Path(run_dir) if run_dir is not None else Path(temporary)
+        folder = Path(run_dir).resolve() if run_dir is not None else Path(temporary)
         label = folder.name if run_dir is not None else config["model"]
         fit = fit_and_test(config, data_dir, folder, label, logger, callbacks, progress, resume)
+    if is_worker_process(config):
+        return None
     record = RunRecord(run={"model": config["model"], "corpus": config["corpus"]},
                        quality=quality_figures(fit, config, data_dir), speed=speed_figures(fit),
-                       provenance=provenance(fit.model, config, commit)).to_dict()
+                       provenance=provenance(fit, config, commit, folder if run_dir is not None else None)).to_dict()
     if run_dir is not None:
         write_atomically(folder / "record.json", json.dumps(plain(record), indent=1))
         for name in {"best.ckpt", "last.ckpt"} - set(CHECKPOINTS[keep]):
@@ -436,15 +490,21 @@ def speed_figures(fit: FinishedFit) -> dict:
     }
 
 
-def provenance(model: pl.LightningModule, config: dict, commit: str | None) -> dict:
-    """What ran, on what: parameter count, peak memory, device, threads, seed, commit, library versions, the
-    configuration, and a plugin's name, source and version."""
-    device = str(model.device)
+def provenance(fit: FinishedFit, config: dict, commit: str | None, run_dir: Path | None) -> dict:
+    """What ran, on what: parameter count, peak memory, device (rank 0's), the devices of the run (every
+    process's, all nodes), the precision Lightning trained in (on CPU it runs 16-mixed as bf16-mixed) and that
+    of fp32 matrix products, threads, the run folder (absolute; None: a temporary one), seed, commit, library
+    versions, the configuration, and a plugin's name, source and version."""
+    model, device = fit.model, str(fit.model.device)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device),
         "device": device,
+        "devices": fit.trainer.world_size,
+        "precision": fit.trainer.precision,
+        "matmul_precision": torch.get_float32_matmul_precision(),
         "threads": torch.get_num_threads(),
+        "run_dir": str(run_dir) if run_dir is not None else None,
         "seed": config["seed"],
         "git_commit": commit,
         "versions": library_versions(),

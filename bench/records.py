@@ -16,8 +16,8 @@ RUN_KEYS = ("model", "corpus")
 SPEED_KEYS = ("epochs", "train_tokens", "train_seconds", "training_flops_per_token", "stopped_by", "wall_minutes",
               "curve", "resumed", "recovered_from", "test_seconds")
 RATE_KEYS = ("tokens_per_second", "minutes_per_epoch", "gflops")  # derived from the raw counts; stored before they were
-PROVENANCE_KEYS = ("parameters", "peak_memory_mb", "device", "threads", "seed", "git_commit", "versions", "config",
-                   "plugin")
+PROVENANCE_KEYS = ("parameters", "peak_memory_mb", "device", "devices", "precision", "matmul_precision", "threads",
+                   "run_dir", "seed", "git_commit", "versions", "config", "plugin")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class RunRecord:
     run: dict  # model, corpus
     quality: dict  # the module's results; language models: NN+KN, the corpus's oracle and unigram, time to target
     speed: dict  # SPEED_KEYS: the raw counts, what stopped the run, clock figures, the validation curve
-    provenance: dict  # parameters, memory, device, threads, seed, commit, versions, configuration, plugin
+    provenance: dict  # parameters, memory, devices, precision, threads, run folder, seed, commit, versions, ...
 
     @property
     def has_counts(self) -> bool:

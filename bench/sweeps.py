@@ -378,6 +378,11 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
         raise BenchError(f"--max-retry must not be negative, got {max_retry}")
     if spec.grid_size is not None and total > spec.grid_size:
         raise BenchError(f"--trials {total}: the grid of {spec.path} has {spec.grid_size} points")
+    # A DDP trial's every process would run the whole sweep, each asking Optuna for a trial of its own
+    searched = [spec.search, spec.grid_space, *spec.grid_points.values()]
+    for key in ("devices", "num_nodes"):
+        if spec.fixed.get(key, 1) != 1 or any(key in chosen for chosen in searched):
+            raise BenchError(f"{spec.path}: {key}: a sweep's trials run on one device each")
     data_dir = str(data_dir) if data_dir else None
     # a missing corpus, or a setting it cannot take (more classes than words), fails here, before the study
     # is touched

@@ -19,6 +19,13 @@ from bench.config import allowed_keys, make_config
     (["train", "rnn-bp", "--set", "backprop=bptt"], "backprop is fixed for rnn-bp"),
     (["train", "lstm", "--set", "lr"], "expected key=value"),
     (["trian"], "invalid choice: 'trian'"),
+    (["train", "lstm", "--set", "precision=64"], "precision must be one of 32, bf16-mixed, 16-mixed, got 64"),
+    (["train", "lstm", "--set", "accelerator=tpu"], "accelerator must be one of auto, cpu, gpu, cuda, mps"),
+    (["train", "lstm", "--set", "strategy=ddp_spawn"], "strategy must be one of auto, ddp, got 'ddp_spawn'"),
+    (["train", "lstm", "--set", "devices=0"], "devices must be between 1 and 4096, got 0"),
+    (["train", "lstm", "--set", "devices=3"], "batch_size 20 does not split into 3 equal shares of streams"),
+    (["train", "kn", "--set", "devices=2"], "unknown hyper-parameter 'devices' for kn"),
+    (["train", "birnn", "--set", "devices=2"], "it is for language models only"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     storage = f"sqlite:///{tmp_path}/results.db"
@@ -117,7 +124,7 @@ def test_model_help_lists_each_hyper_parameter_with_its_type_range_and_default(c
     assert set(rows) == set(allowed_keys("rnn-bptt")) | {"backprop"} and set(config) - {"model"} <= set(rows)
     assert rows["lr"][1:5] == ["float", "1e-08", "..", "10,000"] and float(rows["lr"][5]) == config["lr"]
     assert rows["activation"][1:6] == ["str", "sigmoid,", "tanh,", "relu", "sigmoid"]
-    assert rows["corpus"][2:6] == ["synthetic,", "ptb,", "wikitext-2", "synthetic"]  # the task's corpora only
+    assert rows["corpus"][2:7] == ["synthetic,", "ptb,", "wikitext-2,", "wikitext-103", "synthetic"]  # the task's
     assert rows["backprop"][1:3] == ["fixed", "bptt"]
     assert main(["train", "nope", "--help"]) == 2
 

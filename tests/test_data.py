@@ -58,3 +58,34 @@ def test_missing_or_empty_corpus_is_a_user_error(tiny_ptb, tmp_path):
         load_corpus("ptb", tiny_ptb)
     with pytest.raises(BenchError, match="unknown corpus 'ptbb'"):
         load_corpus("ptbb")
+
+
+def test_a_streamed_corpus_reads_as_the_in_memory_reader(tmp_path):
+    """wikitext-103 is read line by line into id arrays; the same files read as wikitext-2 (whole, through
+    `datasets`) give the same vocabulary, counts and ids: ties by first occurrence, <eos> included, empty
+    lines, lines ended by \n only (not by \r, form feed or U+2028) and a last line without one."""
+    lines = {"train": "b a c\n\n a <unk> c a \n= = title = =\fx\u2028y a\r\nb b",
+             "valid": "a z c\n\nb\n", "test": "c\u2028a q\n"}
+    for name in ("wikitext-2", "wikitext-103"):
+        for split, text in lines.items():
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f"{split}.txt").write_text(text, encoding="utf-8")
+    streamed, whole = load_corpus("wikitext-103", tmp_path), load_corpus("wikitext-2", tmp_path)
+    assert streamed.vocab.words == whole.vocab.words and streamed.vocab.words[:3] == [EOS, "a", "="]
+    assert streamed.vocab.counts.tolist() == whole.vocab.counts.tolist()
+    for split in ("train", "valid", "test"):
+        assert streamed.splits[split].dtype == np.int64
+        assert streamed.splits[split].tolist() == whole.splits[split].tolist()
+    assert streamed.splits["valid"].tolist()[:2] == [streamed.vocab.words.index("a"), streamed.vocab.unk]
+
+
+def test_a_streamed_corpus_names_a_bad_line_or_an_unknown_word(tmp_path):
+    folder = tmp_path / "wikitext-103"
+    write_lines(folder / "train.txt", ["a b", "b"])
+    write_lines(folder / "valid.txt", ["a"])
+    (folder / "test.txt").write_bytes(b"a\nb \xff\n")
+    with pytest.raises(BenchError, match=r"test.txt, line 2: not UTF-8 text \(byte 0xff\)"):
+        load_corpus("wikitext-103", tmp_path)
+    write_lines(folder / "test.txt", ["a c"])
+    with pytest.raises(BenchError, match="wikitext-103 test: word 'c' is not in the training vocabulary"):
+        load_corpus("wikitext-103", tmp_path)

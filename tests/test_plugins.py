@@ -195,7 +195,8 @@ def test_plugin_hyper_parameters_are_validated_like_the_built_ins(site):
 
 
 @pytest.mark.parametrize("model,sets,message", [
-    ("user_models:Bag", ["widht=3"], "unknown hyper-parameter 'widht' for user_models:Bag; known: batch_size, bptt"),
+    ("user_models:Bag", ["widht=3"],
+     "unknown hyper-parameter 'widht' for user_models:Bag; known: accelerator, batch_size, bptt"),
     ("user_models:Bag", ["width=big"], "width must be int, got 'big'"),
     ("user_models:Bag", ["mixing=max"], "mixing must be one of sum, mean, got 'max'"),
     ("user_models:Bag", ["tied=3"], "tied must be bool, got 3"),
@@ -209,7 +210,7 @@ def test_plugin_hyper_parameters_are_validated_like_the_built_ins(site):
     ("user_models:NoOptions", [], "__init__ must take **options and pass them on to LanguageModel.__init__"),
     ("user_models:TupleSizes", [], "__init__ parameter 'sizes' is typed tuple; a hyper-parameter is int, float"),
     ("user_models:NoDefault", [], "__init__ parameter 'width' needs a default"),
-    ("user_models:TypoInDefaults", [], "DEFAULTS sets unknown hyper-parameter 'lrr'; known: batch_size"),
+    ("user_models:TypoInDefaults", [], "DEFAULTS sets unknown hyper-parameter 'lrr'; known: accelerator, batch_size"),
     ("broken-entry", [], "model plugin 'broken-entry': cannot import missing_module:Model: ModuleNotFoundError"),
 ])
 def test_a_broken_plugin_or_bad_setting_exits_2_with_one_line(site, tmp_path, monkeypatch, capsys, model, sets,

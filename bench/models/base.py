@@ -167,6 +167,18 @@ class LanguageModel(ScoredModel):
     def init_state(self, batch_size: int):
         raise NotImplementedError
 
+    def setup(self, stage: str) -> None:
+        """A run on several processes (DDP) keeps every gradient dense: DDP's reducer takes the class layer's
+        sparse word rows for dense ones and fails (CPU, gloo: "Cannot access storage of SparseTensorImpl");
+        the embeddings' sparse gradients did all-reduce over gloo, but have never been tried over NCCL. Runs
+        before configure_optimizers, which groups the parameters by it (make_optimizer)."""
+        if self.trainer.world_size > 1:
+            for module in self.modules():
+                if isinstance(module, torch.nn.Embedding):
+                    module.sparse = False
+            if isinstance(self.output, ClassSoftmax):
+                self.output.sparse_rows = False
+
     def hidden_flops_per_token(self) -> float | None:
         """FLOPs (2 per multiply-add) of one token's forward pass up to the hidden vector; None: not known."""
         return None
@@ -245,6 +257,9 @@ class LanguageModel(ScoredModel):
             self._join_streams(stage)
             nll, mask = self._scored_stream(stage)
             self._sums[stage] = [float(nll[mask].double().sum()), int(mask.sum())]
+        elif stage == "train":  # summed over the processes of a DDP run, each of which trained its own streams
+            sums = torch.tensor([float(s) for s in self._sums[stage]], dtype=torch.float64, device=self.device)
+            self._sums[stage] = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
         total, count = float(self._sums[stage][0]), int(self._sums[stage][1])
         if stage == "train" and not math.isfinite(total):
             raise FloatingPointError(f"training loss became {total / max(count, 1)} in epoch {self.current_epoch}")
@@ -252,7 +267,9 @@ class LanguageModel(ScoredModel):
             # a diverged run's cross-entropy overflows exp: its perplexity is inf, without numpy's warning
             perplexity = math.exp(total / count) if total / count < LOG_FLOAT_MAX else math.inf
             self.perplexities[stage].append(perplexity)
-            self.log(f"{stage}_ppl", perplexity, prog_bar=stage != "test")
+            # sync_dist: the schedules read the figure, and every process of a DDP run must take their decisions
+            # alike (validation and test figures are the same in each: every process scores the whole split)
+            self.log(f"{stage}_ppl", perplexity, prog_bar=stage != "test", sync_dist=True)
 
     def training_step(self, batch, batch_idx):
         """The step's mean -log p. A non-finite loss is caught at the end of the epoch, from the summed loss
@@ -260,10 +277,18 @@ class LanguageModel(ScoredModel):
         return self._step("train", batch)
 
     def validation_step(self, batch, batch_idx):
-        self._step("val", batch)
+        self._score("val", batch)
 
     def test_step(self, batch, batch_idx):
-        self._step("test", batch)
+        self._score("test", batch)
+
+    def _score(self, stage: str, batch) -> None:
+        """A scoring step in fp32 whatever the Trainer's precision (mixed precision speeds up training): the
+        figures stay the exact one-stream ones, and the streams join -- _join_streams runs outside autocast,
+        and a state computed in bf16 would neither agree with its own nor feed it (torch's RNNs refuse a
+        bf16 state with fp32 weights)."""
+        with torch.autocast(self.device.type, enabled=False):
+            self._step(stage, batch)
 
     def on_train_epoch_start(self):
         self._start("train")

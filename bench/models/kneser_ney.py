@@ -275,15 +275,16 @@ class KneserNeyLM(LanguageModel):
         window = torch.cat([state, inputs], dim=1)
         width = self.estimator.order - 1
         contexts = window.unfold(1, width, 1)[:, 1:] if width else window.new_empty(*targets.shape, 0)
-        log_p = self.estimator.log_prob(contexts.reshape(-1, width).numpy(), targets.reshape(-1).numpy())
-        return torch.from_numpy(-log_p).view_as(targets), window[:, window.shape[1] - width:]
+        # the estimator counts in numpy on the host, wherever the batch is
+        log_p = self.estimator.log_prob(contexts.reshape(-1, width).cpu().numpy(), targets.reshape(-1).cpu().numpy())
+        return torch.from_numpy(-log_p).to(targets.device).view_as(targets), window[:, window.shape[1] - width:]
 
     def training_step(self, batch, batch_idx):
         self._train_chunks.append((batch[1], batch[2]))
         if batch_idx == self.trainer.num_training_batches - 1:
             targets = torch.cat([t for t, _ in self._train_chunks], dim=1).reshape(-1)
             mask = torch.cat([m for _, m in self._train_chunks], dim=1).reshape(-1)
-            self.estimator.fit(targets[mask].numpy())
+            self.estimator.fit(targets[mask].cpu().numpy())
             self._train_chunks = []
 
     def on_train_epoch_end(self):

@@ -465,8 +465,11 @@ class AdaptiveSoftmax(nn.Module):
         self.cluster_mass = [float(counts[a:b].sum() / max(counts.sum(), 1)) for a, b in zip(bounds, bounds[1:])]
 
     def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,)."""
-        return -self.adaptive(hidden, target).output
+        """-log p(target | hidden) for hidden (N, H) and target (N,): returns (N,). In fp32 under mixed precision:
+        torch's layer copies its clusters' log-probabilities, in autocast's dtype on a CPU, into a buffer of
+        the input's dtype, which index_copy_ refuses."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return -self.adaptive(hidden.to(self.adaptive.head.weight.dtype), target).output
 
     def flops_per_token(self) -> float:
         """Multiply-add FLOPs of one token's forward pass: the head, and a tail cluster's projection and
