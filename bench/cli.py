@@ -51,12 +51,23 @@ def print_parameters(model: str) -> None:
         print("  " + "  ".join(row[c].ljust(widths[c]) for c in columns[:-1]) + "  " + row["meaning"])
 
 
+def progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they show only when the output is a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: redirected to a log, a bar's redraws filled a PTB sweep's log with 20k
+    lines an epoch; without bars a run prints one line an epoch."""
+    return not args.no_progress and sys.stdout.isatty()
+
+
 def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else shared/data "
                                            "beside the checkout, else a per-user cache folder)")
     parser.add_argument("--storage", help="Optuna storage URL of the results database "
                                           "(default: sqlite:///bench.db in the working directory)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    progress_option(parser)
     run_folder_options(parser)
 
 
@@ -124,7 +135,7 @@ def add_sweep(commands) -> None:
                                                                "without a W&B login runs are kept offline")
     sweep.add_argument("--data-dir", help="folder holding the corpora (default: $BENCH_DATA_DIR, else shared/data "
                                           "beside the checkout, else a per-user cache folder)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    progress_option(sweep)
     run_folder_options(sweep)
 
 
@@ -214,7 +225,7 @@ def command_train(args) -> int:
             print(f"seed {seed}: finished earlier in {run_dir}; not run again", flush=True)
         else:
             try:
-                record = run_and_store(seeded, storage, study, data_dir=args.data_dir, progress=not args.no_progress,
+                record = run_and_store(seeded, storage, study, data_dir=args.data_dir, progress=show_progress(args),
                                        run_dir=run_dir, resume=args.resume, keep=args.keep)
             except RunFailed as failure:  # the other seeds still run
                 print(f"bench: {failure}", file=sys.stderr, flush=True)
@@ -259,7 +270,7 @@ def command_run(args) -> int:
             spec = model_spec(config["model"])  # one study per task: a study optimises one metric in one direction
             study = f"run-{args.corpus}" if spec.task == "lm" else f"run-{args.corpus}-{spec.task}"
             try:
-                record = run_and_store(config, storage, study, data_dir=args.data_dir, progress=not args.no_progress,
+                record = run_and_store(config, storage, study, data_dir=args.data_dir, progress=show_progress(args),
                                        run_dir=Path(args.run_dir) / study / run_folder_name(config), keep=args.keep)
             except RunFailed as failure:
                 print(f"bench: {failure}", file=sys.stderr, flush=True)
@@ -296,7 +307,7 @@ def command_sweep(args) -> None:
     spec = load_spec(args.spec)
     check_writable(Path(args.run_dir))  # before the study is created
     table = run_sweep(spec, args.trials, args.storage, args.n_jobs, args.data_dir, use_wandb=not args.no_wandb,
-                      progress=not args.no_progress, worker_init=quiet_libraries, run_root=Path(args.run_dir),
+                      progress=show_progress(args), worker_init=quiet_libraries, run_root=Path(args.run_dir),
                       keep=args.keep, max_retry=args.max_retry)
     print(table.to_string(index=False, na_rep="", float_format="{:.4g}".format))
 

@@ -5,7 +5,7 @@ import sys
 import optuna
 import pytest
 
-from bench.cli import main
+from bench.cli import build_parser, main, show_progress
 from bench.config import allowed_keys, make_config
 
 
@@ -161,3 +161,11 @@ def test_seeds_make_one_stored_run_each(tmp_path, capsys):
     assert main([*argv, "--resume"]) == 0  # finished runs are not run again, nor stored twice
     assert "seed 1: finished earlier" in capsys.readouterr().out
     assert len(optuna.load_study(study_name="train-kn-synthetic", storage=storage).trials) == 2
+
+
+@pytest.mark.parametrize("terminal,flags,shown", [(True, [], True), (True, ["--no-progress"], False),
+                                                  (False, [], False)])
+def test_progress_bars_show_on_a_terminal_only(monkeypatch, terminal, flags, shown):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: terminal)
+    for command in (["train", "kn", *flags], ["sweep", "spec.yaml", *flags]):
+        assert show_progress(build_parser().parse_args(command)) is shown
