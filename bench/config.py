@@ -216,11 +216,11 @@ def make_config(model: str, overrides: dict | None = None, quick: bool = False) 
     for key, layer in OUTPUT_OPTIONS.items():
         if key in config and config.get("output") != layer:
             raise BenchError(f"{key} applies to output={layer}, not output={config.get('output')}", key)
-    check_processes(spec, config)
+    check_device_split(spec, config)
     return {"model": model, **config}
 
 
-def check_processes(spec, config: dict) -> None:
+def check_device_split(spec, config: dict) -> None:
     """A run on several devices splits the training streams among its processes (bench.data): a language
     model's, in equal shares."""
     processes = config.get("devices", 1) * config.get("num_nodes", 1)
