@@ -111,8 +111,8 @@ def test_the_run_folder_is_absolute_and_named_in_the_record(tiny_ptb, tmp_path, 
     assert run_experiment(make_config("rnn-bptt", TINY), data_dir=tiny_ptb, progress=False)["run_dir"] is None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("output", [{}, {"output": "class", "classes": 10}])  # class: sparse word rows in one process
+# the class layer in the default tests (its sparse word rows in one process, dense under DDP); full: slow
+@pytest.mark.parametrize("output", [pytest.param({}, marks=pytest.mark.slow), {"output": "class", "classes": 10}])
 def test_a_two_process_ddp_run_scores_the_exact_figures_and_stores_one_trial(tmp_path, output):
     """`bench train` on 2 CPU processes (DDP over gloo): one record and one trial; valid and test perplexity
     equal the one-process run of the same configuration (each process's streams are its own, so the run
