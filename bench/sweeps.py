@@ -272,8 +272,10 @@ def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
     if trial.state == TrialState.COMPLETE:
         speed = RunRecord.from_dict(attrs.get("record") or {}).speed
         cut = speed.get("stopped_by") == "max_minutes"
-        return f"{metric} {trial.value:.2f}" + (f", cut by the minutes budget at epoch {speed['epochs']}" if cut
-                                                else "")
+        return (f"{metric} {trial.value:.2f}"
+                + (f", cut by the minutes budget at epoch {speed['epochs']}" if cut else "")
+                + (", retried from epoch 0: no checkpoint in its run folder" if speed.get("resume_found_no_checkpoint")
+                   else ""))
     if trial.state == TrialState.PRUNED:
         last = attrs.get("last_metrics") or {}
         figures = " ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch")
