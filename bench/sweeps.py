@@ -50,6 +50,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from bench.adapters import trial_id, trial_storage
 from bench.errors import BenchError, Interrupted, one_line
 from bench.harness import cached_corpus, cached_tagged_corpus, finished_record, run_experiment
+from bench.hosts import sharing_warnings
 from bench.records import RunRecord, plain
 from bench.redact import redact
 from bench.store import DEFAULT_STORAGE, MAX_RETRY, RequeueStaleTrials, open_storage, record_attributes
@@ -393,6 +394,8 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     else:
         load_spec(spec.path, vocab_size=len(cached_corpus(spec.corpus, data_dir).vocab))
     storage = open_storage(storage_url, heartbeat=True, max_retry=max_retry)
+    for warning in sharing_warnings(storage_url, run_root):
+        print(f"bench: warning: {warning}", file=sys.stderr, flush=True)
     study = open_study(spec, storage)
     with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since: not the user's business
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
