@@ -324,6 +324,31 @@ class Worker:
             study.stop()
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (its entries, else 0, 1, ...). torch
+    counts them through NVML, without initialising CUDA, so forked workers can still initialise it."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in listed.split(",")] if listed is not None else [str(i) for i in range(count)]
+    return names[:count]
+
+
+def worker_devices(n_jobs: int, visible: list[str]) -> list[str | None]:
+    """The GPU each of `n_jobs` workers sees: worker i visible GPU i, round-robin when workers outnumber GPUs;
+    None (left as it is) without GPUs."""
+    return [visible[i % len(visible)] if visible else None for i in range(n_jobs)]
+
+
+def take_device(devices) -> None:
+    """A worker process's initializer: it takes the next device of the queue `devices` (worker_devices) and sees
+    only that GPU, set before anything in the process initialises CUDA."""
+    device = devices.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+
+
 # ------------------------------------------------------------------------------------------ study
 
 
@@ -419,9 +444,13 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
         # fork: the workers inherit the imported libraries and the loaded corpus (spawn re-imports torch and
         # Lightning, ~7 s a worker here); nothing has run torch or W&B in this process yet.
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(n_jobs, owed), mp_context=context) as pool:
+        processes, devices = min(n_jobs, owed), context.SimpleQueue()
+        for device in worker_devices(processes, visible_gpus()):  # one a process: the initializer runs once in each
+            devices.put(device)
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=take_device,
+                                                    initargs=(devices,)) as pool:
             try:
-                list(pool.map(worker, range(min(n_jobs, owed))))
+                list(pool.map(worker, range(processes)))
             except Interrupted as stop:  # a signal to this process alone: the workers requeue their trials too
                 for process in multiprocessing.active_children():  # the pool's workers: nothing else here forks
                     os.kill(process.pid, stop.signal_number)

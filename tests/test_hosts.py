@@ -1,12 +1,18 @@
 """Sweeps across hosts and devices: shared storages and run folders (bench.hosts), one GPU per worker."""
 
+import functools
+import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench.hosts
 from bench.cli import main
 from bench.hosts import filesystem_type, sharing_warnings
+from bench.sweep_spec import load_spec
+from bench.sweeps import run_sweep, take_device, visible_gpus, worker_devices
 
 TINY = """
 model: rnn-bptt
@@ -83,3 +89,59 @@ def test_a_sweep_warns_on_stderr_and_still_runs(mounts, capsys):
     assert warnings[1].startswith(f"bench: warning: the storage is shared across hosts but the run folder "
                                   f"{mounts / 'runs'} is on a local file system")
     assert "trial 0 COMPLETE" in output.out
+
+
+# ------------------------------------------------------------------------------------------- one GPU per worker
+
+
+def test_worker_i_gets_gpu_i_and_workers_beyond_the_gpus_share_them_round_robin():
+    assert worker_devices(2, ["0", "1"]) == ["0", "1"]
+    assert worker_devices(5, ["0", "1"]) == ["0", "1", "0", "1", "0"]
+    assert worker_devices(1, ["0", "1", "2"]) == ["0"]
+    assert worker_devices(3, []) == [None, None, None]
+
+
+@pytest.mark.parametrize("listed, count, visible", [
+    (None, 3, ["0", "1", "2"]),
+    ("4,6", 2, ["4", "6"]),  # the user's choice of GPUs, shared out among the workers
+    ("GPU-8a1f,GPU-77c0", 2, ["GPU-8a1f", "GPU-77c0"]),
+    ("", 0, []),
+    (None, 0, []),
+])
+def test_the_visible_gpus_are_named_as_cuda_visible_devices_names_them(monkeypatch, listed, count, visible):
+    if listed is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert visible_gpus() == visible
+
+
+def test_each_worker_process_sees_only_the_device_it_takes(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    devices = multiprocessing.get_context("fork").SimpleQueue()
+    for device in [*worker_devices(2, ["3", "5"]), None]:
+        devices.put(device)
+    take_device(devices)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    take_device(devices)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    take_device(devices)  # no GPU: nothing set
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def note_device(folder: Path) -> None:
+    """A sweep's worker_init (run first in each worker process): write down the GPU the process sees."""
+    (folder / str(os.getpid())).write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+
+
+def test_a_sweep_of_two_workers_on_two_gpus_gives_each_its_own(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the forked workers inherit it; CUDA stays unused
+    (tmp_path / "spec.yaml").write_text(TINY.replace("trials: 1", "trials: 2"))
+    (tmp_path / "seen").mkdir()
+    run_sweep(load_spec(tmp_path / "spec.yaml"), storage_url=f"journal:{tmp_path}/r.journal", n_jobs=2,
+              use_wandb=False, progress=False, worker_init=functools.partial(note_device, tmp_path / "seen"))
+    assert sorted(path.read_text() for path in (tmp_path / "seen").iterdir()) == ["0", "1"]
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # the command's own process is left as it was
