@@ -326,7 +326,8 @@ class Worker:
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (its entries, else 0, 1, ...). torch
-    counts them through NVML, without initialising CUDA, so forked workers can still initialise it."""
+    counts them through NVML, without initialising CUDA, so forked workers can still initialise it; where NVML
+    cannot answer (MIG device names) its count goes through CUDA, after which forked workers cannot use it."""
     import torch
 
     count = torch.cuda.device_count()
