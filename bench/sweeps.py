@@ -325,15 +325,15 @@ class Worker:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (its entries, else 0, 1, ...). torch
-    counts them through NVML, without initialising CUDA, so forked workers can still initialise it; where NVML
-    cannot answer (MIG device names) its count goes through CUDA, after which forked workers cannot use it."""
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them: its entries where it is set (an entry
+    naming no GPU hides it from the worker as from this process), else 0, 1, ... as many as torch counts
+    through NVML, which leaves CUDA uninitialised for the forked workers."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [name.strip() for name in listed.split(",") if name.strip()]
     import torch
 
-    count = torch.cuda.device_count()
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [name.strip() for name in listed.split(",")] if listed is not None else [str(i) for i in range(count)]
-    return names[:count]
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def worker_devices(n_jobs: int, visible: list[str]) -> list[str | None]:

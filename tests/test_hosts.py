@@ -103,17 +103,22 @@ def test_worker_i_gets_gpu_i_and_workers_beyond_the_gpus_share_them_round_robin(
 
 @pytest.mark.parametrize("listed, count, visible", [
     (None, 3, ["0", "1", "2"]),
-    ("4,6", 2, ["4", "6"]),  # the user's choice of GPUs, shared out among the workers
-    ("GPU-8a1f,GPU-77c0", 2, ["GPU-8a1f", "GPU-77c0"]),
-    ("", 0, []),
     (None, 0, []),
+    ("4,6", None, ["4", "6"]),  # the user's choice of GPUs, shared out among the workers
+    ("MIG-8a1f,MIG-77c0", None, ["MIG-8a1f", "MIG-77c0"]),
+    ("", None, []),
 ])
 def test_the_visible_gpus_are_named_as_cuda_visible_devices_names_them(monkeypatch, listed, count, visible):
     if listed is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    def device_count():
+        assert count is not None, "counted although CUDA_VISIBLE_DEVICES names the GPUs"
+        return count
+
+    monkeypatch.setattr(torch.cuda, "device_count", device_count)
     assert visible_gpus() == visible
 
 
