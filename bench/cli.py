@@ -128,7 +128,8 @@ def add_sweep(commands) -> None:
                                          "journal:PATH for several processes on one machine, "
                                          "postgresql+psycopg://USER:PASSWORD@HOST/DB for several machines (start "
                                          "the same command on each)")
-    sweep.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine (default: 1)")
+    sweep.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine (default: 1); with "
+                                                           "GPUs, worker i sees GPU i alone (round-robin)")
     sweep.add_argument("--max-retry", type=int, help="times a trial whose worker died (killed, out of memory) is "
                                                      "run again, then failed (default: the spec's max_retry, else 2)")
     sweep.add_argument("--no-wandb", action="store_true", help="log nothing to W&B (also: WANDB_MODE=disabled); "

@@ -52,10 +52,12 @@ class SpeedMonitor(pl.Callback):
     through every training and validation epoch; the test pass is timed apart. Its figures go into the
     checkpoints, so a resumed run counts the epochs it trained in every process, and not the time lost
     between its last checkpoint and the interruption. The run's history goes with them: how often it was
-    resumed, and the damaged checkpoints it stepped over (`recovery`: this process's, see prepare_run_dir).
+    resumed, the damaged checkpoints it stepped over (`recovery`: this process's, see prepare_run_dir), and
+    whether a resume found no checkpoint to go on from (`no_checkpoint`: this process's), so that it trained
+    from epoch 0 again (a requeued sweep trial whose run folder is gone, or was never written).
     """
 
-    def __init__(self, monitor: str, recovery: dict | None = None):
+    def __init__(self, monitor: str, recovery: dict | None = None, no_checkpoint: bool = False):
         self.monitor = monitor
         self.train_seconds: list[float] = []  # per completed epoch
         self.train_batches = 0
@@ -64,6 +66,7 @@ class SpeedMonitor(pl.Callback):
         self.resumed = 0
         self.recovery = recovery
         self.recovered_from = [recovery] if recovery else []
+        self.resume_found_no_checkpoint = no_checkpoint
         self.test_seconds = 0.0
         self._epoch_tokens = 0  # this process's; every process's are added at the epoch's end
         self._wall_before = 0.0  # wall seconds of earlier processes, up to the checkpoint resumed from
@@ -72,7 +75,8 @@ class SpeedMonitor(pl.Callback):
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds, "train_batches": self.train_batches,
                 "train_tokens": self.train_tokens, "curve": self.curve, "resumed": self.resumed,
-                "recovered_from": self.recovered_from, "wall_seconds": self.wall_seconds()}
+                "recovered_from": self.recovered_from, "wall_seconds": self.wall_seconds(),
+                "resume_found_no_checkpoint": self.resume_found_no_checkpoint}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_seconds, self.train_batches = state_dict["train_seconds"], state_dict["train_batches"]
@@ -80,6 +84,8 @@ class SpeedMonitor(pl.Callback):
         self.resumed, self._wall_before = state_dict["resumed"] + 1, state_dict["wall_seconds"]
         # .get: checkpoints written before recoveries were recorded
         self.recovered_from = [*state_dict.get("recovered_from", []), *([self.recovery] if self.recovery else [])]
+        # this process resumed, so an earlier one's restart from epoch 0 is the run's (.get: older checkpoints)
+        self.resume_found_no_checkpoint = state_dict.get("resume_found_no_checkpoint", False)
 
     def wall_seconds(self) -> float:
         return self._wall_before + (time.perf_counter() - self._wall_start if self._wall_start else 0.0)
@@ -329,9 +335,9 @@ def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> tuple[str | No
     load, "checkpoint": the one resumed from (None: epoch 0), "epoch": the epochs it holds}."""
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temporaries(run_dir)
-    config_file, recovery = run_dir / "config.json", None
+    config_file, recovery, damaged = run_dir / "config.json", None, {}
     if resume and read_json(config_file) == plain(config):
-        loaded, damaged = {}, {}
+        loaded = {}
         for name in ("last.ckpt", "best.ckpt"):  # last first: it wins a tie
             if (run_dir / name).is_file():
                 try:
@@ -348,6 +354,9 @@ def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> tuple[str | No
                      "; starting again from epoch 0"), file=sys.stderr, flush=True)
         if newest:
             return str(run_dir / newest), recovery
+    if resume and not damaged:  # damaged checkpoints were named above, with the restart
+        print(f"bench: warning: {run_dir}: no checkpoint of this configuration to resume from; starting from "
+              "epoch 0", file=sys.stderr, flush=True)
     for name in ("last.ckpt", "best.ckpt", "record.json"):
         (run_dir / name).unlink(missing_ok=True)
     write_atomically(config_file, json.dumps(plain(config), indent=1, sort_keys=True))
@@ -430,7 +439,7 @@ def fit_and_test(config: dict, data_dir: str | None, folder: Path, label: str, l
     if config.get("init_range"):
         model.init_uniform(config["init_range"])
     resume_from, recovery = prepare_run_dir(folder, config, resume)
-    speed = SpeedMonitor(model.MONITOR, recovery)
+    speed = SpeedMonitor(model.MONITOR, recovery, no_checkpoint=resume and resume_from is None)
     checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=model.MONITOR, mode=model.MODE,
                                  enable_version_counter=False)
     # Every epoch's state, in a checkpoint of its own: ModelCheckpoint's save_last writes only when the
@@ -486,6 +495,7 @@ def speed_figures(fit: FinishedFit) -> dict:
                   for epoch, seconds, value in speed.curve],
         "resumed": speed.resumed,
         "recovered_from": speed.recovered_from,
+        "resume_found_no_checkpoint": speed.resume_found_no_checkpoint,
         "test_seconds": speed.test_seconds,
     }
 

@@ -14,7 +14,7 @@ from bench.errors import BenchError
 
 RUN_KEYS = ("model", "corpus")
 SPEED_KEYS = ("epochs", "train_tokens", "train_seconds", "training_flops_per_token", "stopped_by", "wall_minutes",
-              "curve", "resumed", "recovered_from", "test_seconds")
+              "curve", "resumed", "recovered_from", "resume_found_no_checkpoint", "test_seconds")
 RATE_KEYS = ("tokens_per_second", "minutes_per_epoch", "gflops")  # derived from the raw counts; stored before they were
 PROVENANCE_KEYS = ("parameters", "peak_memory_mb", "device", "devices", "precision", "matmul_precision", "threads",
                    "run_dir", "seed", "git_commit", "versions", "config", "plugin")

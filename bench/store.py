@@ -112,11 +112,11 @@ def open_storage(url: str | None = None, heartbeat: bool = False, create: bool =
     at most `max_retry` times (RequeueStaleTrials).
     `create=False` (reports) reads an existing database and writes nothing into it, not even a schema.
     """
-    url = url or DEFAULT_STORAGE
+    url, file = url or DEFAULT_STORAGE, storage_file(url)
     if url.startswith("journal:"):
-        return open_journal(Path(url.removeprefix("journal:")), create)
-    if url.startswith("sqlite:///") and url.removeprefix("sqlite:///") not in ("", ":memory:"):
-        check_sqlite(Path(url.removeprefix("sqlite:///")), create)
+        return open_journal(file, create)
+    if file is not None:
+        check_sqlite(file, create)
     beats = dict(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
                  heartbeat_stale_trial_callback=RequeueStaleTrials(max_retry))
     # SQLite: concurrent workers wait for the write lock instead of failing after sqlite3's 5 s default
@@ -133,6 +133,16 @@ def open_storage(url: str | None = None, heartbeat: bool = False, create: bool =
             if not racing or attempt == CREATE_ATTEMPTS - 1:
                 raise BenchError(redact(f"cannot open storage {url}: {str(error).splitlines()[0]}")) from None
             time.sleep(0.2 * (attempt + 1))
+
+
+def storage_file(url: str | None) -> Path | None:
+    """The file of a storage URL (a journal, an SQLite database); None for a database server or in memory."""
+    url = url or DEFAULT_STORAGE
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:"))
+    if url.startswith("sqlite:///") and url.removeprefix("sqlite:///") not in ("", ":memory:"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None
 
 
 def open_journal(path: Path, create: bool):

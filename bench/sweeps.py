@@ -50,6 +50,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from bench.adapters import trial_id, trial_storage
 from bench.errors import BenchError, Interrupted, one_line
 from bench.harness import cached_corpus, cached_tagged_corpus, finished_record, run_experiment
+from bench.hosts import sharing_warnings
 from bench.records import RunRecord, plain
 from bench.redact import redact
 from bench.store import DEFAULT_STORAGE, MAX_RETRY, RequeueStaleTrials, open_storage, record_attributes
@@ -272,8 +273,10 @@ def describe(trial: optuna.trial.FrozenTrial, metric: str) -> str:
     if trial.state == TrialState.COMPLETE:
         speed = RunRecord.from_dict(attrs.get("record") or {}).speed
         cut = speed.get("stopped_by") == "max_minutes"
-        return f"{metric} {trial.value:.2f}" + (f", cut by the minutes budget at epoch {speed['epochs']}" if cut
-                                                else "")
+        return (f"{metric} {trial.value:.2f}"
+                + (f", cut by the minutes budget at epoch {speed['epochs']}" if cut else "")
+                + (", retried from epoch 0: no checkpoint in its run folder" if speed.get("resume_found_no_checkpoint")
+                   else ""))
     if trial.state == TrialState.PRUNED:
         last = attrs.get("last_metrics") or {}
         figures = " ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch")
@@ -319,6 +322,32 @@ class Worker:
     def stop_when_full(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if not trials_to_run(study, self.objective.total):
             study.stop()
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them: its entries where it is set (an entry
+    naming no GPU hides it from the worker as from this process), else 0, 1, ... as many as torch counts
+    through NVML, which leaves CUDA uninitialised for the forked workers."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [name.strip() for name in listed.split(",") if name.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_devices(n_jobs: int, visible: list[str]) -> list[str | None]:
+    """The GPU each of `n_jobs` workers sees: worker i visible GPU i, round-robin when workers outnumber GPUs;
+    None (left as it is) without GPUs."""
+    return [visible[i % len(visible)] if visible else None for i in range(n_jobs)]
+
+
+def take_device(devices) -> None:
+    """A worker process's initializer: it takes the next device of the queue `devices` (worker_devices) and sees
+    only that GPU, set before anything in the process initialises CUDA."""
+    device = devices.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
 # ------------------------------------------------------------------------------------------ study
@@ -391,6 +420,8 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     else:
         load_spec(spec.path, vocab_size=len(cached_corpus(spec.corpus, data_dir).vocab))
     storage = open_storage(storage_url, heartbeat=True, max_retry=max_retry)
+    for warning in sharing_warnings(storage_url, run_root):
+        print(f"bench: warning: {warning}", file=sys.stderr, flush=True)
     study = open_study(spec, storage)
     with warnings.catch_warnings():  # experimental since Optuna 2.9, unchanged since: not the user's business
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -414,9 +445,13 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
         # fork: the workers inherit the imported libraries and the loaded corpus (spawn re-imports torch and
         # Lightning, ~7 s a worker here); nothing has run torch or W&B in this process yet.
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(n_jobs, owed), mp_context=context) as pool:
+        processes, devices = min(n_jobs, owed), context.SimpleQueue()
+        for device in worker_devices(processes, visible_gpus()):  # one a process: the initializer runs once in each
+            devices.put(device)
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=take_device,
+                                                    initargs=(devices,)) as pool:
             try:
-                list(pool.map(worker, range(min(n_jobs, owed))))
+                list(pool.map(worker, range(processes)))
             except Interrupted as stop:  # a signal to this process alone: the workers requeue their trials too
                 for process in multiprocessing.active_children():  # the pool's workers: nothing else here forks
                     os.kill(process.pid, stop.signal_number)

@@ -64,6 +64,7 @@ def test_a_resumed_run_ends_with_the_record_of_an_uninterrupted_one(tiny_ptb, mo
     assert whole["test_ppl"] == pytest.approx(resumed["test_ppl"], rel=1e-6)
     assert_same_run(resumed, whole)
     assert (whole["resumed"], resumed["resumed"]) == (0, 1)
+    assert (whole["resume_found_no_checkpoint"], resumed["resume_found_no_checkpoint"]) == (False, False)
     if model == "rnn-bptt":
         assert whole["valid_ppl_per_epoch"][1] > whole["valid_ppl_per_epoch"][0]  # the worse epoch 2
     assert [point["epoch"] for point in resumed["curve"]] == [1, 2, 3, 4]
@@ -125,13 +126,26 @@ def test_a_run_whose_checkpoints_are_all_damaged_starts_again_from_epoch_0(tiny_
     assert_same_run(resumed, whole)
 
 
+def test_a_resume_that_finds_no_checkpoint_says_so_once_and_its_record_keeps_it_across_later_resumes(tiny_ptb,
+                                                                                                       capsys):
+    config, folder = make_config("rnn-bptt", TINY), tiny_ptb / "gone"
+    with pytest.raises(Killed):  # a requeued trial whose folder was deleted, killed again after epoch 2
+        run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=folder, resume=True, callbacks=(Crash(2),))
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench:")]
+    assert warning == (f"bench: warning: {folder}: no checkpoint of this configuration to resume from; starting from "
+                       "epoch 0")
+    record = run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=folder, resume=True)
+    assert "bench:" not in capsys.readouterr().err  # it found epoch 2's checkpoint
+    assert (record["resumed"], record["resume_found_no_checkpoint"], record["epochs"]) == (1, True, 4)
+
+
 def test_checkpoints_of_another_configuration_are_never_resumed(tiny_ptb):
     config = make_config("rnn-bptt", TINY)
     with pytest.raises(Killed):
         run_experiment(config, data_dir=tiny_ptb, progress=False, run_dir=tiny_ptb / "run", callbacks=(Crash(2),))
     other = make_config("rnn-bptt", {**TINY, "lr": 5.0})
     record = run_experiment(other, data_dir=tiny_ptb, progress=False, run_dir=tiny_ptb / "run", resume=True)
-    assert record["resumed"] == 0 and record["epochs"] == 4
+    assert record["resumed"] == 0 and record["epochs"] == 4 and record["resume_found_no_checkpoint"]
 
 
 def schedule_after(losses: list[float], min_improvement: float = 1.003):

@@ -447,3 +447,26 @@ def test_a_study_resumes_with_another_pruner_but_not_with_another_search(tmp_pat
     err = capsys.readouterr().err
     assert "study 'patient' exists with another spec" in err and len(err.strip().splitlines()) == 1
     assert len(optuna.load_study(study_name="patient", storage=storage).trials) == 2
+
+
+def test_a_retried_trial_whose_run_folder_is_gone_trains_from_epoch_0_and_says_so(tmp_path, capsys):
+    from bench.store import RequeueStaleTrials
+    from bench.sweeps import open_study
+
+    spec = write_spec(tmp_path, TINY + "study: lost\ntrials: 1\nsearch:\n  lr: {type: log-float, low: 0.5, high: 5}\n")
+    storage = f"sqlite:///{tmp_path}/r.db"
+    study = open_study(load_spec(spec), open_storage(storage))
+    lost = study.ask({"lr": optuna.distributions.FloatDistribution(0.5, 5, log=True)})
+    study.tell(lost, state=TrialState.FAIL)  # its worker died; its run folder was deleted since
+    RequeueStaleTrials(max_retry=2)(study, study.trials[0])
+    assert main(["sweep", str(spec), "--storage", storage, "--no-progress", "--no-wandb", "--run-dir",
+                 str(tmp_path / "runs")]) == 0
+    output = capsys.readouterr()
+    retry = optuna.load_study(study_name="lost", storage=storage).trials[1]
+    record = retry.user_attrs["record"]
+    assert (record["resume_found_no_checkpoint"], record["resumed"]) == (True, 0)
+    assert [point["epoch"] for point in record["curve"]] == [1]  # epoch 0 trained: one validation
+    assert record["run_dir"] == str(tmp_path / "runs" / "lost" / "trial-0")
+    assert "trial 1 COMPLETE: valid_ppl" in output.out
+    assert ", retried from epoch 0: no checkpoint in its run folder |" in output.out
+    assert f"{tmp_path / 'runs' / 'lost' / 'trial-0'}: no checkpoint of this configuration to resume from" in output.err
