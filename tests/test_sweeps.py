@@ -349,13 +349,13 @@ def test_every_shipped_spec_is_valid_and_runs_a_tiny_trial(tmp_path, path, monke
     import dataclasses
 
     from bench.errors import BenchError
-    from bench.harness import cached_corpus
+    from bench.harness import cached_corpus, cached_tagged_corpus
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     spec = load_spec(path)
     assert spec.trials >= 1 and spec.study == path.stem
     try:
-        cached_corpus(spec.corpus, None)
+        (cached_corpus if TASKS[spec.task] is LANGUAGE_MODEL else cached_tagged_corpus)(spec.corpus, None)
     except BenchError as error:
         pytest.skip(f"spec valid; no trial: {error}")
     counting = spec.model is not None and not model_spec(spec.model).neural  # Kneser-Ney: no epochs to cut short
