@@ -102,11 +102,13 @@ class SpeedMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._epoch_seconds += time.perf_counter() - self._batch_start
         self.train_batches += 1
-        self._epoch_tokens += int(batch[2].sum())  # the mask of a stream batch, the lengths of a sentence batch
+        # the mask of a stream batch, the lengths of a sentence batch: summed on the batch's device, read once an
+        # epoch (int() here would wait for a GPU every step)
+        self._epoch_tokens += batch[2].sum()
 
     def on_train_epoch_end(self, trainer, pl_module):
         # tokens per second of the run: the processes of a DDP run train their streams side by side
-        tokens = torch.tensor(self._epoch_tokens, device=pl_module.device)
+        tokens = torch.as_tensor(self._epoch_tokens, device=pl_module.device)
         self.train_tokens += int(trainer.strategy.reduce(tokens, reduce_op="sum"))
         self.train_seconds.append(self._epoch_seconds)
 
