@@ -22,7 +22,7 @@ from bench.tasks import TASKS
 
 
 class StepClock(pl.Callback):
-    """CPU seconds (time.process_time) of the training steps, timed where the harness's SpeedMonitor times
+    """CPU seconds (time.process_time) of the training steps, timed where bench.callbacks.SpeedMonitor times
     its wall seconds. CPU time, because on a shared machine other processes take the core for part of a step:
     in a probe of 3 runs on 2 busy cores, the wall-clock ratio of one model spread up to 48%, the CPU-time
     ratio up to 8%."""
