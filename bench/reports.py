@@ -5,7 +5,9 @@ Reports read only the Optuna storage (bench.store): the COMPLETE trials of the c
 
 Seeds. Runs whose whole configuration but the seed is the same are one setting: the report shows their
 mean, the standard deviation (columns "... sd") and their count ("seeds"); the validation curves are the
-lowest seed's.
+lowest seed's. A wall-clock budget that did not cut a run short is no part of its setting: a tuning
+trial (60 minutes) and a later `bench train` of its recipe (24 hours) that both reached their stopping
+point are seeds of one setting.
 
 Best per configuration. A configuration is model + corpus + output layer (+ class count when the output
 layer is class-based); for taggers model + corpus + cell, depth and direction (TAGGER_ARCHITECTURE), so a
@@ -83,7 +85,7 @@ def load_runs(storage_url: str | None = None, studies: list[str] | None = None) 
             task = record_task(record).name
             rows.append({
                 **{k: v for k, v in record.items() if np.isscalar(v) or v is None},
-                "setting": setting(config), "reached_stop": reached_stop(record),
+                "setting": setting(config, record.get("stopped_by")), "reached_stop": reached_stop(record),
                 **{key: config.get(key) if task == "tagging" else None for key in TAGGER_ARCHITECTURE},
                 "task": task,
                 "output": output, "classes": config.get("classes") if output == "class" else None,
@@ -95,9 +97,11 @@ def load_runs(storage_url: str | None = None, studies: list[str] | None = None) 
     return frame.reindex(columns=[*frame.columns, *(c for c in FIGURES if c not in frame)])
 
 
-def setting(config: dict) -> str:
-    """The configuration but the seed (and the targets, which only watch the run): what seeds repeat."""
-    return json.dumps({k: v for k, v in config.items() if k not in ("seed", "target_ppl")}, sort_keys=True)
+def setting(config: dict, stopped_by: str | None) -> str:
+    """The configuration but the seed, the targets (which only watch the run) and a wall-clock budget that
+    did not stop the run: what seeds repeat."""
+    watching = ("seed", "target_ppl", *(() if stopped_by == "max_minutes" else ("max_minutes",)))
+    return json.dumps({k: v for k, v in config.items() if k not in watching}, sort_keys=True)
 
 
 def reached_stop(record: dict) -> bool:

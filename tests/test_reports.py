@@ -142,6 +142,25 @@ def test_seeds_of_a_setting_are_one_row_with_mean_sd_and_count(tmp_path):
     assert "143.00 ± 3.61" in markdown_row[0]
 
 
+def test_a_budget_that_did_not_stop_a_run_is_no_part_of_its_setting(tmp_path):
+    storage = open_storage(url := f"sqlite:///{tmp_path}/budgets.db")
+
+    def run(seed, test, minutes, stopped_by="schedule"):
+        rec = record("rnn-bptt", "ptb", valid=150, test=test, output="class", classes=100, lr=10.0, seed=seed,
+                     stopped_by=stopped_by)
+        save_record({**rec, "config": {**rec["config"], "max_minutes": minutes}}, storage, f"s{seed}")
+
+    run(0, 138.0, 60.0)  # a tuning trial's budget
+    run(1, 140.0, 1440.0)  # the recipe trained again, with the default budget
+    run(2, 145.0, 1440.0)
+    row = table3(best_per_configuration(load_runs(url))).iloc[0]
+    assert (row["seeds"], row["test ppl"]) == (3, 141.0)
+    run(3, 300.0, 60.0, stopped_by="max_minutes")  # cut by its budget: a setting of its own, and it loses
+    row = table3(best_per_configuration(load_runs(url))).iloc[0]
+    assert (row["seeds"], row["test ppl"]) == (3, 141.0)
+    assert len(load_runs(url)["setting"].unique()) == 2
+
+
 def test_a_run_cut_short_is_marked_has_no_difference_to_the_paper_and_loses_to_a_finished_one(tmp_path):
     storage = open_storage(url := f"sqlite:///{tmp_path}/cut.db")
     save_record(record("rnn-bptt", "ptb", valid=300, test=290.0, epochs=1, stopped_by="max_epochs"), storage, "t")
