@@ -148,6 +148,8 @@ def add_report(commands) -> None:
     report.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
     report.add_argument("--project", help="W&B project (default: $WANDB_PROJECT, else bench)")
     report.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
+    report.add_argument("--readme", metavar="FILE", help="also write Tables 2 and 3 into FILE, between its lines "
+                        "<!-- bench report --readme: start --> and <!-- bench report --readme: end -->")
 
 
 def add_regress(commands) -> None:
@@ -294,7 +296,8 @@ def command_report(args) -> None:
     from bench.reports import make_report
 
     quiet_libraries()
-    make_report(args.storage, args.studies, Path(args.out), args.project, use_wandb=not args.no_wandb)
+    make_report(args.storage, args.studies, Path(args.out), args.project, use_wandb=not args.no_wandb,
+                readme=Path(args.readme) if args.readme else None)
 
 
 def command_sweep(args) -> None:

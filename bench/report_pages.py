@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.errors import BenchError
 from bench.records import write_atomically
 
 OUTPUTS = ("leaderboard.csv", "taggers.csv", "table2.csv", "table3.csv", "speed.png", "classes.png", "epochs.png",
@@ -128,3 +129,36 @@ def write_pages(tables: dict[str, pd.DataFrame], figures: dict[str, Path], studi
     write_atomically(
         out / "index.html", f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>bench report</title>"
         f"<style>{STYLE}</style></head>\n<body>\n{chr(10).join(page)}\n<script>{SORT_SCRIPT}</script>\n</body></html>\n")
+
+
+# The block of another Markdown file (the project's README) that `bench report --readme FILE` rewrites with
+# Tables 2 and 3, so the numbers a reader meets first come from the results store, not from a hand copy.
+README_BLOCK = ("<!-- bench report --readme: start -->", "<!-- bench report --readme: end -->")
+
+
+def paper_tables_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """Tables 2 and 3 (those with figures) as Markdown, each with its runs' provenance; no generated-at
+    line, so the text changes only when the results do."""
+    return "\n\n".join(f"**{TITLES[name]}**\n\n{markdown(tables[name])}\n\nRuns: {tables[name].attrs['provenance']}."
+                       for name in ("table2", "table3") if name in tables)
+
+
+def readme_around_block(path: Path) -> tuple[str, str]:
+    """The Markdown file `path` before and after its README_BLOCK (markers included): read before any
+    report file is written, so a file without the block fails the command with nothing written."""
+    start, end = README_BLOCK
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BenchError(f"--readme {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    head, found_start, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not (found_start and found_end):
+        raise BenchError(f"--readme {path}: no block between the lines {start} and {end} to write the tables into")
+    return head + start, end + tail
+
+
+def write_readme_block(tables: dict[str, pd.DataFrame], path: Path, around: tuple[str, str]) -> None:
+    """`path` as `around` with `paper_tables_markdown(tables)` in its block."""
+    head, tail = around
+    write_atomically(path, f"{head}\n{paper_tables_markdown(tables)}\n{tail}")

@@ -38,7 +38,7 @@ from bench.errors import BenchError
 from bench.papers import PAPER_TABLE2, PAPER_TABLE3, TABLE2_ROWS, corpora_ptb_first
 from bench.records import RunRecord, check_writable
 from bench.redact import redact
-from bench.report_pages import clear_previous_report, write_pages, write_tables
+from bench.report_pages import clear_previous_report, readme_around_block, write_pages, write_readme_block, write_tables
 from bench.report_plots import PERPLEXITY, SPEED, draw_plots
 from bench.store import DEFAULT_STORAGE, open_storage
 from bench.tables import leaderboard, tagger_table
@@ -359,16 +359,21 @@ def log_to_wandb(tables: dict[str, pd.DataFrame], figures: dict[str, Path], stud
 
 
 def make_report(storage_url: str | None, studies: list[str] | None, out: Path, project: str | None = None,
-                use_wandb: bool = True) -> dict[str, pd.DataFrame]:
-    """`bench report`: read the studies, keep the best run per configuration, write `out`, log to W&B."""
+                use_wandb: bool = True, readme: Path | None = None) -> dict[str, pd.DataFrame]:
+    """`bench report`: read the studies, keep the best run per configuration, write `out` (and Tables 2 and 3
+    into the marked block of `readme`), log to W&B."""
     best = best_per_configuration(load_runs(storage_url, studies))  # a bad storage or study: nothing written
     check_writable(out)
+    around = readme_around_block(readme) if readme else None
     try:
         tables, figures = write_report(best, out)
     except OSError as error:  # the disk filled, or the folder was taken away meanwhile
         raise BenchError(f"cannot write the report into {out}: {error.strerror or error}") from None
     print(f"report of {len(best)} configurations written to {out}: "
           f"{', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
+    if readme:
+        write_readme_block(tables, readme, around)
+        print(f"Tables 2 and 3 written into {readme}")
     if use_wandb:
         try:
             log_to_wandb(tables, figures, sorted(best["study"].unique()),

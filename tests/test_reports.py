@@ -203,6 +203,27 @@ def test_report_files(storage_url, tmp_path, capsys):
     assert set(taggers_only) == {"taggers"} and not (out / "table2.csv").exists()  # the old files are gone
 
 
+def test_readme_block_gets_tables_2_and_3_and_a_readme_without_one_exits_2_before_writing(storage_url, tmp_path,
+                                                                                          capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\n<!-- bench report --readme: start -->\nold numbers\n"
+                      "<!-- bench report --readme: end -->\n\nThe rest.\n")
+    assert main(["report", "--storage", storage_url, "--out", str(tmp_path / "out"), "--no-wandb",
+                 "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Project\n\n<!-- bench report --readme: start -->\n**Table 2: ")
+    assert text.endswith("<!-- bench report --readme: end -->\n\nThe rest.\n") and "old numbers" not in text
+    assert "| RNN-BPTT | full | — | its schedule | 1 | 130.00 | 123.00 | +7.00 | 110.00 | 106.00 | +4.00 |" in text
+    assert "| ptb | 100 | — | its schedule | 1 | 137.00 | 136.00 | +1.00 |" in text
+    assert "report generated" not in text  # no date: the block changes only when the results do
+    readme.write_text("# Project without the block\n")
+    out = tmp_path / "none"
+    assert main(["report", "--storage", storage_url, "--out", str(out), "--no-wandb", "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err
+    assert f"--readme {readme}: no block between the lines" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and readme.read_text() == "# Project without the block\n"
+
+
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed (apt-get install -y chromium)")
 def test_html_loads_in_headless_chromium_without_errors(storage_url, tmp_path):
     out = tmp_path / "report"
