@@ -101,11 +101,12 @@ def suggest(trial: optuna.trial.BaseTrial, name: str, distribution: BaseDistribu
 def load_spec(path: str | Path, vocab_size: int | None = None) -> SweepSpec:
     """Read and check the spec at `path` (BenchError: what is wrong, with file, line and key); with the
     corpus's `vocab_size`, also the settings that depend on it (class counts, adaptive cutoffs)."""
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise BenchError(f"no sweep spec at {path}")
-    data, locate = read_yaml_lines(Path(path))
+    data, locate = read_yaml_lines(path)
     try:
-        return read_spec(data, Path(path), vocab_size)
+        return read_spec(data, path, vocab_size)
     except BenchError as error:
         raise error if error.key is None else locate(error) from None
 
