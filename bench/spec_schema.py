@@ -89,7 +89,8 @@ def distribution(key: tuple, value) -> BaseDistribution:
         return CategoricalDistribution(check_values((*key, "choices"), value.get("choices")))
     for bound in ("low", "high"):
         check(is_number(value.get(bound)), f"{bound} must be a number, got {value.get(bound)!r}", (*key, bound))
-    low, high, step, log, integer = value["low"], value["high"], value.get("step"), kind[:4] == "log-", "int" in kind
+    low, high, step = value["low"], value["high"], value.get("step")
+    log, integer = kind.startswith("log-"), kind.endswith("int")
     check(step is None or is_number(step) and not log, "step must be a number, and log types take no step",
           (*key, "step"))
     check(not integer or all(isinstance(v, int) for v in (low, high, step or 1)),
