@@ -8,6 +8,7 @@ or into a cycle: an alias bomb composes to a few nodes that build into billions.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -77,6 +78,33 @@ def construct(root: yaml.Node | None, where: str):
 
 def load_yaml(text: str, where: str):
     return construct(compose(text, where), where)
+
+
+def read_yaml_lines(path: Path) -> tuple[object, Callable[[BenchError], BenchError]]:
+    """The YAML file's value, and what turns an error about a key path in it (BenchError.key) into one naming
+    the file, the line (the node mark of the longest part of the path that the file holds) and the path. A key
+    given twice in one mapping, which PyYAML takes silently (the last wins), is an error."""
+    root, lines = compose(read_utf8(path), str(path)), {}
+    data = construct(root, str(path))
+
+    def add_lines(node: yaml.Node | None, keys: tuple) -> None:
+        children = ([(key.value, key, value) for key, value in node.value] if isinstance(node, yaml.MappingNode)
+                    else [(index, item, item) for index, item in enumerate(node.value)]
+                    if isinstance(node, yaml.SequenceNode) else [])
+        for name, marked, value in children:
+            where = (*keys, str(name))
+            if where in lines:
+                raise BenchError(f"{path}, line {marked.start_mark.line + 1}, {'.'.join(where)}: given twice")
+            lines[where] = marked.start_mark.line + 1
+            add_lines(value, where)
+
+    def locate(error: BenchError) -> BenchError:
+        keys = tuple(map(str, error.key))
+        line = next((lines[keys[:n]] for n in range(len(keys), 0, -1) if keys[:n] in lines), 1)
+        return BenchError(f"{path}, line {line}" + (f", {'.'.join(keys)}" if keys else "") + f": {error}")
+
+    add_lines(root, ())
+    return data, locate
 
 
 def check_size(root: yaml.Node, where: str) -> None:

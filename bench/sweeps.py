@@ -31,6 +31,7 @@ WandbLogger reuses whatever W&B run is active in the process, so threads would m
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import multiprocessing
 import os
@@ -54,7 +55,8 @@ from bench.hosts import sharing_warnings
 from bench.records import RunRecord, plain
 from bench.redact import redact
 from bench.store import DEFAULT_STORAGE, MAX_RETRY, RequeueStaleTrials, open_storage, record_attributes
-from bench.sweep_spec import SweepSpec, load_spec, same_study
+from bench.sweep_spec import SweepSpec, load_spec
+from bench.tasks import TASKS
 from bench.threads import use_threads
 from bench.tracking import wandb_mode, wandb_settings
 
@@ -207,7 +209,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.claim_place(trial)
-        logger, pruning = None, PruningCallback(trial, self.spec.epoch_metric)
+        logger, pruning = None, PruningCallback(trial, TASKS[self.spec.task].monitor)
         try:
             config = self.spec.config(self.spec.settings(trial))
             logger, self.wandb_mode = start_wandb_run(self.spec, trial, config, self.wandb_mode)
@@ -366,6 +368,16 @@ def open_study(spec: SweepSpec, storage) -> optuna.Study:
     return study
 
 
+def same_study(stored: str, definition: str) -> bool:
+    """Whether a stored study's definition and a spec's describe one study. The pruner may change on resume:
+    it decides when to stop a trial, not what a trial is, and a study can learn it was too eager: under the
+    rnnlm schedule the early epochs rank recipes badly (tune-rnn-bptt-ptb's best trial was at valid 340 after
+    two epochs, against 301, and ended at 150, against 178). Studies stored before this rule hold a pruner."""
+    def identity(text: str) -> dict:
+        return {k: v for k, v in json.loads(text).items() if k != "pruner"}
+    return identity(stored) == identity(definition)
+
+
 def trials_table(study: optuna.Study, metric: str) -> pd.DataFrame:
     """One row per trial: number, state, the metric, the parameters, seconds, and what happened."""
     rows = [{"trial": t.number, "state": t.state.name, metric: t.value,
@@ -393,14 +405,8 @@ def warn_if_minutes_cut_epochs(spec: SweepSpec, storage) -> None:
               f"{minutes / statistics.median(per_epoch):.2g}", flush=True)
 
 
-def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | None = None, n_jobs: int = 1,
-              data_dir: str | None = None, use_wandb: bool = True, progress: bool = True,
-              worker_init=None, run_root: Path | None = None, keep: str = "best",
-              max_retry: int | None = None) -> pd.DataFrame:
-    """Run (or resume) the spec's study until it holds `trials` trials (default: the spec's), a trial whose
-    worker died run again at most `max_retry` times (default: the spec's); return the trials table."""
-    total = spec.trials if trials is None else trials
-    max_retry = spec.max_retry if max_retry is None else max_retry
+def check_runnable(spec: SweepSpec, total: int, n_jobs: int, max_retry: int, data_dir: str | None) -> None:
+    """The command's options, and the corpus, fit the spec: checked before the study is touched."""
     if total < 1 or n_jobs < 1:
         raise BenchError("--trials and --n-jobs must be positive")
     if max_retry < 0:
@@ -412,13 +418,23 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | Non
     for key in ("devices", "num_nodes"):
         if spec.fixed.get(key, 1) != 1 or any(key in chosen for chosen in searched):
             raise BenchError(f"{spec.path}: {key}: a sweep's trials run on one device each")
-    data_dir = str(data_dir) if data_dir else None
-    # a missing corpus, or a setting it cannot take (more classes than words), fails here, before the study
-    # is touched
+    # a missing corpus, or a setting it cannot take (more classes than words)
     if spec.task == "tagging":
         cached_tagged_corpus(spec.corpus, data_dir)
     else:
         load_spec(spec.path, vocab_size=len(cached_corpus(spec.corpus, data_dir).vocab))
+
+
+def run_sweep(spec: SweepSpec, trials: int | None = None, storage_url: str | None = None, n_jobs: int = 1,
+              data_dir: str | None = None, use_wandb: bool = True, progress: bool = True,
+              worker_init=None, run_root: Path | None = None, keep: str = "best",
+              max_retry: int | None = None) -> pd.DataFrame:
+    """Run (or resume) the spec's study until it holds `trials` trials (default: the spec's), a trial whose
+    worker died run again at most `max_retry` times (default: the spec's); return the trials table."""
+    total = spec.trials if trials is None else trials
+    max_retry = spec.max_retry if max_retry is None else max_retry
+    data_dir = str(data_dir) if data_dir else None
+    check_runnable(spec, total, n_jobs, max_retry, data_dir)
     storage = open_storage(storage_url, heartbeat=True, max_retry=max_retry)
     for warning in sharing_warnings(storage_url, run_root):
         print(f"bench: warning: {warning}", file=sys.stderr, flush=True)
