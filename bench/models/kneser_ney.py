@@ -397,8 +397,10 @@ class KneserNeyLM(LanguageModel):
         if batch_idx == self.trainer.num_training_batches - 1:
             targets = torch.cat([t for t, _ in self._train_chunks], dim=1).reshape(-1)
             mask = torch.cat([m for _, m in self._train_chunks], dim=1).reshape(-1)
-            self.estimator.fit(targets[mask].cpu().numpy())
+            tokens = targets[mask].cpu().numpy()
+            del targets, mask  # 9 bytes a token less while counting (0.9 GB on WikiText-103)
             self._train_chunks = []
+            self.estimator.fit(tokens)
 
     def on_train_epoch_end(self):
         self.trainer.should_stop = True  # counting is done in one pass
