@@ -189,8 +189,9 @@ class KneserNey:
 
     def _merged_runs(self, spill: Path, m: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
         """The sorted keys of the runs of order m and each one's summed count. The key space is cut at
-        quantiles of the first run into one range a chunk, and merged a range at a time (runs are read
-        a range's part at a time), so that memory holds about one run at once."""
+        quantiles of the first run into one range a chunk; each range is read from every run, merged and
+        appended to a file, and the files are read back at the end, so that memory holds about one run
+        besides the table (a list of merged ranges joined at the end would hold the table twice)."""
         def run(c: int, name: str, start: int = 0, count: int = -1) -> np.ndarray:
             return np.fromfile(spill / f"{m}-{c}-{name}", dtype=np.int64, offset=8 * start, count=count)
 
@@ -201,18 +202,22 @@ class KneserNey:
         for c in range(chunks):
             keys = run(c, "keys")
             cuts.append(np.concatenate([[0], np.searchsorted(keys, edges), [keys.size]]))
-        merged_keys, merged_counts = [], []
-        for r in range(chunks):
-            keys, counts = (np.concatenate([run(c, name, cut[r], cut[r + 1] - cut[r]) for c, cut in enumerate(cuts)])
-                            for name in ("keys", "counts"))
-            if keys.size == 0:
-                continue
-            order = np.argsort(keys, kind="stable")
-            keys, counts = keys[order], counts[order]
-            new = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
-            merged_keys.append(keys[new])
-            merged_counts.append(np.add.reduceat(counts, new))
-        return np.concatenate(merged_keys), np.concatenate(merged_counts)
+        paths = spill / f"{m}-keys", spill / f"{m}-counts"
+        with open(paths[0], "wb") as keys_out, open(paths[1], "wb") as counts_out:
+            for r in range(chunks):
+                keys, counts = (np.concatenate([run(c, name, cut[r], cut[r + 1] - cut[r])
+                                                for c, cut in enumerate(cuts)]) for name in ("keys", "counts"))
+                if keys.size == 0:
+                    continue
+                order = np.argsort(keys, kind="stable")
+                keys, counts = keys[order], counts[order]
+                new = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+                keys[new].tofile(keys_out)
+                np.add.reduceat(counts, new).tofile(counts_out)
+        merged = tuple(np.fromfile(path, dtype=np.int64) for path in paths)
+        for path in paths:
+            path.unlink()
+        return merged
 
     def _suffixes(self, m: int, suffix_below: np.ndarray | None, bos_first_below: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +264,8 @@ class KneserNey:
 
     def _estimate(self, adjusted: list[np.ndarray], tables: dict) -> None:
         """Discounts, log p of every stored m-gram and log gamma of every context, bottom-up, block by
-        block; frees each order's adjusted counts and suffixes once used."""
+        block; frees each order's adjusted counts and suffixes once used, and keeps p itself only for the
+        order above (the top order's p would be one more array the size of the largest table)."""
         self.discounts = {}
         self._logp, self._loggamma = [], []
         lower = np.full(self.radix, 1.0 / self.vocab_size)  # p of the level below (uniform; <s> never read)
@@ -267,7 +273,8 @@ class KneserNey:
             counts_all, suffix = adjusted[m - 1], tables["suffix"][m - 1]
             d = self._estimate_discounts(counts_all)
             self.discounts[m] = d
-            p = np.empty(counts_all.size)
+            p_all = np.empty(counts_all.size) if m < self.order else None
+            logp = np.empty(counts_all.size)
             loggamma = np.zeros(1 if m == 1 else tables["n_grams"][m - 2])  # log 1: a context never seen
             for start, end in self._blocks(m):
                 counts = counts_all[start:end]
@@ -283,16 +290,18 @@ class KneserNey:
                     discounted = np.maximum(counts - discount, 0.0) / denominator[context]
                 discounted = np.where(counts > 0, discounted, 0.0)
                 below = lower if m == 1 else lower[suffix[start:end]]
-                p[start:end] = discounted + gamma[context] * below
+                p = discounted + gamma[context] * below
+                if m == 1:
+                    p[self.bos_id] = 0.0
+                if p_all is not None:
+                    p_all[start:end] = p
                 with np.errstate(divide="ignore"):
+                    logp[start:end] = np.log(p)
                     loggamma[first:first + gamma.size] = np.log(gamma)
-            if m == 1:
-                p[self.bos_id] = 0.0
-            with np.errstate(divide="ignore"):
-                self._logp.append(np.log(p))
+            self._logp.append(logp)
             self._loggamma.append(loggamma)
             adjusted[m - 1] = tables["suffix"][m - 1] = None
-            lower = p
+            lower = p_all
 
     # ------------------------------------------------------------------ scoring
     def _lookup(self, m: int, prefix: np.ndarray, word: np.ndarray) -> np.ndarray:
