@@ -149,16 +149,19 @@ class KneserNey:
         return words, position
 
     def _count_tables(self, tokens: np.ndarray, spill: Path) -> dict:
-        """Per order m (index m-1), bottom-up: how many m-grams, their raw counts, each one's suffix as an
-        (m-1)-gram index, and whether it starts with <s>; fills self._keys. `spill`: a folder for the runs.
+        """Per order m (index m-1), bottom-up: how many m-grams, their raw counts where used (_raw_used),
+        each one's suffix as an (m-1)-gram index, and whether it starts with <s>; fills self._keys.
+        `spill`: a folder for the runs.
 
         In `spill`, per order m and chunk c, as raw int64: ``m-c-keys``/``m-c-counts``, the run;
         ``m-c-run-index``, the run index of the m-gram ending at each position of the chunk (-1: none);
         ``m-c-index``, the same as an index of table m, which the chunk's (m+1)-gram keys are made of."""
         radix = self.radix
         chunks = [tokens[start:end] for start, end in self._chunk_bounds(tokens)]  # views: nothing copied
-        tables = {"n_grams": [radix], "raw": [sum(np.bincount(chunk, minlength=radix) for chunk in chunks)],
-                  "suffix": [None], "bos_first": [np.arange(radix) == self.bos_id]}
+        unigrams = sum(np.bincount(chunk, minlength=radix) for chunk in chunks)
+        bos_first = np.arange(radix) == self.bos_id
+        tables = {"n_grams": [radix], "raw": [self._raw_used(1, unigrams, bos_first)], "suffix": [None],
+                  "bos_first": [bos_first]}
         self._keys = [None]
         for m in range(2, self.order + 1):
             for c, chunk in enumerate(chunks):
@@ -182,10 +185,16 @@ class KneserNey:
             self._keys.append(keys)
             suffix, bos_first = self._suffixes(m, tables["suffix"][m - 2], tables["bos_first"][m - 2])
             tables["n_grams"].append(keys.size)
-            tables["raw"].append(raw)
+            tables["raw"].append(self._raw_used(m, raw, bos_first))
             tables["suffix"].append(suffix)
             tables["bos_first"].append(bos_first)
         return tables
+
+    def _raw_used(self, m: int, raw: np.ndarray, bos_first: np.ndarray) -> np.ndarray:
+        """The raw counts of table m that the adjusted counts read: all at the top order, else the <s>-initial
+        m-grams' in table order (the others' is a continuation count). Below KN5's top order, 50M tokens of
+        i.i.d. words hold 117M n-grams, so keeping all would take 0.9 GB more."""
+        return raw if m == self.order else raw[bos_first]
 
     def _merged_runs(self, spill: Path, m: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
         """The sorted keys of the runs of order m and each one's summed count. The key space is cut at
@@ -242,8 +251,8 @@ class KneserNey:
         adjusted: list[np.ndarray] = [None] * order  # type: ignore[list-item]
         adjusted[order - 1] = raw[order - 1]
         for m in range(order - 1, 0, -1):
-            continuations = np.bincount(tables["suffix"][m], minlength=tables["n_grams"][m - 1])
-            adjusted[m - 1] = np.where(bos_first[m - 1], raw[m - 1], continuations)
+            adjusted[m - 1] = np.bincount(tables["suffix"][m], minlength=tables["n_grams"][m - 1])
+            adjusted[m - 1][bos_first[m - 1]] = raw[m - 1]
             raw[m - 1] = bos_first[m - 1] = None
         adjusted[0][self.bos_id] = 0
         return adjusted
