@@ -264,7 +264,8 @@ print(json.dumps({"train_tokens": int(corpus.splits["train"].size), "vocab": len
                   "n_grams": [int(k.size) for k in model._keys if k is not None],
                   "load_min": (loaded - start) / 60, "fit_min": (fitted - loaded) / 60,
                   "score_min": (time.time() - fitted) / 60,
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "model_gb": sum(a.nbytes for a in (*model._keys[1:], *model._logp, *model._loggamma)) / 1e9,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
 """
 
 
