@@ -115,14 +115,14 @@ def reached_stop(record: dict) -> bool:
 def seeds_as_one(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per setting (see the module docstring): figures averaged over its seeds (a seed run more than
     once counts once, its latest run), with "<figure>_sd" and "seeds"; the record is the lowest seed's with
-    those figures in it."""
+    those figures in it; "runs" holds the seeds' own rows, for provenance."""
     latest = runs.assign(_seed=runs["seed"].fillna(-1)).sort_values("completed", na_position="first")
     latest = latest.drop_duplicates(["setting", "_seed"], keep="last").drop(columns="_seed")
     rows = []
     for _, group in latest.groupby("setting", sort=False):
         group = group.sort_values("seed")
         row = group.iloc[0].copy()
-        row["seeds"] = len(group)
+        row["seeds"], row["runs"] = len(group), group
         row["record"] = {**row["record"], "seeds": len(group)}
         if len(group) > 1:
             figures = {}
@@ -152,8 +152,10 @@ def best_per_configuration(runs: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ provenance
 
 
-def provenance(runs: pd.DataFrame) -> str:
-    """Which commits, devices, library versions and dates produced `runs` (from their records)."""
+def provenance(settings: pd.DataFrame) -> str:
+    """Which commits, devices, library versions and dates produced the runs behind `settings`, every seed's
+    run counted (from seeds_as_one's "runs" column)."""
+    runs = pd.concat(list(settings["runs"]), ignore_index=True)
     commits, devices = runs["git_commit"].fillna("unknown").str[:10], runs["device"].fillna("unknown")
     versions = pd.DataFrame([r.get("versions") or {} for r in runs["record"]])
     libraries = ", ".join(f"{lib} {'/'.join(sorted(versions[lib].dropna().astype(str).unique()))}"
@@ -369,8 +371,9 @@ def make_report(storage_url: str | None, studies: list[str] | None, out: Path, p
         tables, figures = write_report(best, out)
     except OSError as error:  # the disk filled, or the folder was taken away meanwhile
         raise BenchError(f"cannot write the report into {out}: {error.strerror or error}") from None
-    print(f"report of {len(best)} configurations written to {out}: "
-          f"{', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
+    written = [*(f"{name}.csv" for name in tables), *(path.name for path in figures.values()), "README.md",
+               "index.html"]
+    print(f"report of {len(best)} configurations written to {out}: {', '.join(sorted(written))}")
     if readme:
         write_readme_block(tables, readme, around)
         print(f"Tables 2 and 3 written into {readme}")

@@ -3,12 +3,14 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 
 from bench.cli import main
+from bench.report_pages import README_BLOCK, paper_tables_markdown
 from bench.report_plots import pareto_front
 from bench.reports import (
     best_per_configuration,
@@ -153,8 +155,9 @@ def test_a_budget_that_did_not_stop_a_run_is_no_part_of_its_setting(tmp_path):
     run(0, 138.0, 60.0)  # a tuning trial's budget
     run(1, 140.0, 1440.0)  # the recipe trained again, with the default budget
     run(2, 145.0, 1440.0)
-    row = table3(best_per_configuration(load_runs(url))).iloc[0]
-    assert (row["seeds"], row["test ppl"]) == (3, 141.0)
+    table = table3(best_per_configuration(load_runs(url)))
+    assert (table.iloc[0]["seeds"], table.iloc[0]["test ppl"]) == (3, 141.0)
+    assert table.attrs["provenance"].startswith("3 runs ")  # every seed's run, not one a setting
     run(3, 300.0, 60.0, stopped_by="max_minutes")  # cut by its budget: a setting of its own, and it loses
     row = table3(best_per_configuration(load_runs(url))).iloc[0]
     assert (row["seeds"], row["test ppl"]) == (3, 141.0)
@@ -222,6 +225,22 @@ def test_readme_block_gets_tables_2_and_3_and_a_readme_without_one_exits_2_befor
     err = capsys.readouterr().err
     assert f"--readme {readme}: no block between the lines" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and readme.read_text() == "# Project without the block\n"
+
+
+def test_the_committed_ptb_report_and_readme_tables_are_the_committed_results_store(tmp_path):
+    """reports/ptb's CSVs and the README's Tables 2 and 3 are what `bench report` makes of the committed
+    reports/ptb/results.journal (apart from the generated-at line): regenerate them after adding runs."""
+    repo = Path(__file__).resolve().parent.parent
+    tables = make_report(f"journal:{repo / 'reports/ptb/results.journal'}", None, tmp_path, use_wandb=False)
+    committed = sorted(path.name for path in (repo / "reports/ptb").glob("*.csv"))
+    assert sorted(path.name for path in tmp_path.glob("*.csv")) == committed
+    for name in committed:
+        def lines(path):
+            return [line for line in path.read_text().splitlines() if not line.startswith("# report generated")]
+        assert lines(tmp_path / name) == lines(repo / "reports/ptb" / name), name
+    start, end = README_BLOCK
+    readme = (repo / "README.md").read_text()
+    assert readme[readme.index(start) + len(start):readme.index(end)].strip() == paper_tables_markdown(tables)
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed (apt-get install -y chromium)")
