@@ -130,7 +130,8 @@ def _read_file_corpus(name: str, data_dir: str | Path | None) -> dict[str, list[
 
 # A streamed corpus (WikiText-103: 103M training tokens) is never held as lists of lines or of tokens -- a
 # Python string a token would take several GB. Its files are read line by line twice: once to count the
-# training words, once to write every split's ids into an int64 array. Memory: the vocabulary and the ids.
+# training words, once to write every split's ids into an int32 array (4 bytes a token; batches are made
+# int64 a chunk at a time, StreamChunks). Memory: the vocabulary and the ids.
 
 
 def _local_lines(path: Path) -> Iterator[str]:
@@ -169,8 +170,8 @@ def streamed_vocabulary(lines: Iterable[str]) -> Vocabulary:
 
 
 def streamed_ids(lines: Iterable[str], vocab: Vocabulary, where: str) -> np.ndarray:
-    """encode(tokenize(lines)) a line at a time, into an array of 8 bytes a token."""
-    index, unk, ids = {word: i for i, word in enumerate(vocab.words)}, vocab.unk, array("q")
+    """encode(tokenize(lines)) a line at a time, into an array of 4 bytes a token (int32)."""
+    index, unk, ids = {word: i for i, word in enumerate(vocab.words)}, vocab.unk, array("i")
     for line in lines:
         for word in line.split():
             i = index.get(word, unk)
@@ -179,7 +180,7 @@ def streamed_ids(lines: Iterable[str], vocab: Vocabulary, where: str) -> np.ndar
                                  f"no {UNK}")
             ids.append(i)
         ids.append(vocab.eos)
-    return np.frombuffer(ids, dtype=np.int64)
+    return np.frombuffer(ids, dtype=np.int32)
 
 
 def read_streamed(name: str, data_dir: str | Path | None) -> tuple[Vocabulary, dict[str, np.ndarray]]:
@@ -269,12 +270,13 @@ def load_corpus(name: str, data_dir: str | Path | None = None, seed: int = 0) ->
 
 
 def batchify(ids: np.ndarray, eos: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, mask), each (B, L): the split as B parallel streams, every token predicted once."""
-    inputs = np.concatenate([[eos], ids[:-1]])
+    """(inputs, targets, mask), each (B, L): the split as B parallel streams, every token predicted once; the
+    ids keep their dtype."""
+    inputs = np.concatenate([np.array([eos], dtype=ids.dtype), ids[:-1]])
     length = -(-len(ids) // batch_size)
     pad = batch_size * length - len(ids)
     mask = np.concatenate([np.ones(len(ids), dtype=bool), np.zeros(pad, dtype=bool)])
-    inputs, targets = (np.concatenate([a, np.full(pad, eos)]) for a in (inputs, ids))
+    inputs, targets = (np.concatenate([a, np.full(pad, eos, dtype=ids.dtype)]) for a in (inputs, ids))
     return tuple(torch.from_numpy(a.reshape(batch_size, length)) for a in (inputs, targets, mask))
 
 
@@ -299,7 +301,7 @@ class StreamChunks(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         window = slice(i * self.bptt, (i + 1) * self.bptt)
-        return self.inputs[:, window], self.targets[:, window], self.mask[:, window]
+        return self.inputs[:, window].long(), self.targets[:, window].long(), self.mask[:, window]
 
 
 class LanguageModelData(pl.LightningDataModule):

@@ -74,8 +74,11 @@ def test_a_streamed_corpus_reads_as_the_in_memory_reader(tmp_path):
     assert streamed.vocab.words == whole.vocab.words and streamed.vocab.words[:3] == [EOS, "a", "="]
     assert streamed.vocab.counts.tolist() == whole.vocab.counts.tolist()
     for split in ("train", "valid", "test"):
-        assert streamed.splits[split].dtype == np.int64
+        assert streamed.splits[split].dtype == np.int32  # 4 bytes a token
         assert streamed.splits[split].tolist() == whole.splits[split].tolist()
+        # the batches are the same int64 ones
+        streamed_chunk, whole_chunk = (StreamChunks(c.splits[split], c.vocab.eos, 2, 3)[0] for c in (streamed, whole))
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(streamed_chunk, whole_chunk))
     assert streamed.splits["valid"].tolist()[:2] == [streamed.vocab.words.index("a"), streamed.vocab.unk]
 
 
