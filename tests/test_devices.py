@@ -118,7 +118,7 @@ def test_a_two_process_ddp_run_scores_the_exact_figures_and_stores_one_trial(tmp
     equal the one-process run of the same configuration (each process's streams are its own, so the run
     trains as one process on all of them; no chunk reaches the end of the split, where a share's tokens would
     differ) and the one-stream scores of its best weights; tokens per second count both processes' tokens."""
-    settings = {"hidden_size": 16, "max_epochs": 2, "limit_train_batches": 30, "batch_size": 4, **output}
+    settings = {"hidden_size": 16, "max_epochs": 2, "limit_train_batches": 30, "batch_size": 4, "bptt": 5, **output}
     storage = f"sqlite:///{tmp_path}/results.db"
     command = [sys.executable, "-m", "bench.cli", "train", "rnn-bptt", "--no-progress", "--storage", storage,
                "--keep", "all", *[f"--set={key}={value}" for key, value in settings.items()]]
