@@ -68,7 +68,7 @@ TUNED_ELMAN = dict(ELMAN, lr=8.459492320379134, batch_size=16, bptt=3, init_rang
                    l2=1.199065954426232e-08, clip=5.846505839704044, min_improvement=1.005456375907048)
 RNN_BPTT = dict(TUNED_ELMAN, bptt_context=5)
 # RNN-BP takes it too: PTB, 100 classes, one seed, test 149.42 in 11 epochs, where ELMAN's settings gave 161.92
-# and the best of tune-rnn-bp-ptb's 3 finished trials 152.90.
+# (a run whose database was lost with its machine) and the better of tune-rnn-bp-ptb's 2 finished trials 152.90.
 REGISTRY: dict[str, ModelSpec] = {
     # Long chunks: counting and scoring are vectorised over a chunk, so fewer, longer chunks spend less time
     # in the training loop (measured on PTB: 256-token chunks made the loop 8x slower than the counting);
