@@ -234,9 +234,11 @@ def test_the_committed_ptb_report_and_readme_tables_are_the_committed_results_st
     tables = make_report(f"journal:{repo / 'reports/ptb/results.journal'}", None, tmp_path, use_wandb=False)
     committed = sorted(path.name for path in (repo / "reports/ptb").glob("*.csv"))
     assert sorted(path.name for path in tmp_path.glob("*.csv")) == committed
+
+    def lines(path):
+        return [line for line in path.read_text().splitlines() if not line.startswith("# report generated")]
+
     for name in committed:
-        def lines(path):
-            return [line for line in path.read_text().splitlines() if not line.startswith("# report generated")]
         assert lines(tmp_path / name) == lines(repo / "reports/ptb" / name), name
     start, end = README_BLOCK
     readme = (repo / "README.md").read_text()
